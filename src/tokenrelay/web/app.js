@@ -191,7 +191,7 @@
         }
       }
       if (info.version) {
-        label.append(el("span", "upstream-version", " · tokenrelay " + info.version));
+        ui.version.textContent = "v" + info.version;
       }
       document.body.classList.toggle("is-simulated", !!info.simulated);
     } catch (err) {
@@ -524,6 +524,7 @@
 
   function init() {
     ui.upstream = $("#upstream");
+    ui.version = $("#version");
     ui.conversation = $("#conversation");
     ui.form = $("#composer");
     ui.prompt = $("#prompt");
