@@ -158,8 +158,9 @@ def test_header_shows_upstream_and_prefills_model(chat: Chat):
         expect(label).to_contain_text("not a real model")
     else:
         expect(label).to_contain_text(info["upstream"])
-        expect(label).to_contain_text(info["model"])
-    expect(page.locator("#model")).to_have_value(info["model"])
+        if info["model"]:
+            expect(label).to_contain_text(info["model"])
+    expect(page.locator("#model")).to_have_value(info["model"] or "")
     # accessibility hooks
     expect(page.locator("#conversation")).to_have_attribute("aria-live", "polite")
     expect(page.get_by_label("Message")).to_have_id("prompt")
@@ -258,6 +259,14 @@ def test_midway_failure_is_marked_failed(chat: Chat):
     nxt = chat.ask("And now?", model="sim:echo")
     expect(nxt).to_have_attribute("data-state", "done")
     assert chat.requests[-1]["body"]["messages"] == [{"role": "user", "content": "And now?"}]
+
+
+def test_upstream_refusal_before_streaming_is_shown(chat: Chat):
+    msg = chat.ask("hello", model="sim:fault=http-429")
+    expect(msg).to_have_attribute("data-state", "failed")
+    expect(msg.locator(".error")).to_be_visible()
+    assert msg.locator(".error").text_content().strip()
+    assert msg.locator(".text").text_content() == ""
 
 
 def test_http_error_before_streaming_is_shown(chat: Chat):
