@@ -1,0 +1,100 @@
+"""``create_app(settings)``: routes, middleware and the shared upstream client."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .config import Settings
+from .errors import TokenrelayError
+from .logs import request_id
+from .providers import make_provider
+from .routes.info import healthz, info
+from .routes.stream import get_response
+
+log = logging.getLogger("tokenrelay")
+WEB_DIR = resources.files("tokenrelay") / "web"
+
+
+class RequestIdMiddleware:
+    """Takes the client's ``X-Request-Id`` (or makes one) for logs and responses.
+
+    Plain ASGI on purpose: ``BaseHTTPMiddleware`` would hide the client's disconnect from
+    the streaming route and re-pipe every chunk through a memory stream."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = _header(scope, b"x-request-id")
+            request_id.set(given if given and len(given) <= 128 else "req_" + secrets.token_hex(8))
+        await self.app(scope, receive, send)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _tokenrelay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TokenrelayError)
+    headers = {**exc.headers, "x-request-id": request_id.get()}
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _index(request: Request) -> Response:
+    return FileResponse(str(WEB_DIR / "index.html"), headers={"cache-control": "no-cache"})
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.provider = make_provider(settings)
+        if settings.simulated:
+            log.warning(
+                "no upstream configured (TOKENRELAY_UPSTREAM_URL): answers come from the built-in simulator"
+            )
+        else:
+            log.info("upstream: %s (default model: %s)", settings.upstream_label, settings.default_model or "none")
+        try:
+            yield
+        finally:
+            await app.state.provider.aclose()
+
+    routes = [
+        Route("/", _index, methods=["GET"]),
+        Route("/api/get-response", get_response, methods=["POST"]),
+        Route("/api/info", info, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={TokenrelayError: _tokenrelay_error, HTTPException: _http_error},
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,167 @@
+"""tokenrelay: stream an LLM's answer from a model API to browsers and programs.
+
+\b
+Start the service (offline, on the built-in simulator, when no upstream is set):
+    tokenrelay serve
+Ask it something from the terminal; the answer prints as it is written:
+    tokenrelay ask "Why do proxies buffer streams?"
+
+\b
+Point it at a real model API with the environment (or a TOML file, --config):
+    TOKENRELAY_UPSTREAM_URL=https://api.openai.com/v1 OPENAI_API_KEY=sk-… \\
+    TOKENRELAY_MODEL=gpt-4o-mini tokenrelay serve
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import Settings, SettingsError, load_settings
+from .logs import setup_logging
+
+
+@click.group(help=__doc__)
+@click.version_option(package_name="tokenrelay")
+def cli() -> None:
+    pass
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
+@click.option("--port", type=int, default=None, help="Port to listen on.  [default: 8000]")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A TOML file of settings (same names as the TOKENRELAY_* variables, lower case).")
+@click.option("--log-level", default=None, help="critical, error, warning, info or debug.  [default: info]")
+@click.option("--log-json", is_flag=True, default=None, help="Write logs as JSON lines.")
+def serve(host: str | None, port: int | None, config: Path | None, log_level: str | None,
+          log_json: bool | None) -> None:
+    """Serve the streaming API and the chat page.
+
+    \b
+    Settings come from flags, then TOKENRELAY_* environment variables, then --config:
+      TOKENRELAY_UPSTREAM_URL   OpenAI-compatible base URL (OpenAI, vLLM, Ollama, llama.cpp,
+                                LM Studio…); unset: the built-in simulator
+      TOKENRELAY_UPSTREAM_KEY   its API key (falls back to OPENAI_API_KEY); stays on the server
+      TOKENRELAY_MODEL          model used when a request names none
+      TOKENRELAY_HEARTBEAT_INTERVAL  seconds of silence before an SSE ': ping' (15)
+      TOKENRELAY_MAX_BODY_BYTES      request body limit (1048576)
+      TOKENRELAY_CONNECT_TIMEOUT / TOKENRELAY_READ_TIMEOUT  upstream timeouts in seconds
+      TOKENRELAY_SIM_TTFT / _SIM_TPS / _SIM_TOKENS / _SIM_SEED  the simulator's pacing
+
+    \b
+    Routes: GET / (chat page), POST /api/get-response (text, SSE with
+    'Accept: text/event-stream', or JSON with "stream": false), GET /api/info, GET /healthz.
+    """
+    import uvicorn
+
+    from .app import create_app
+
+    settings = _settings(config, host=host, port=port, log_level=log_level, log_json=log_json)
+    setup_logging(settings.log_level, json=settings.log_json)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_config=None,
+        timeout_graceful_shutdown=5,
+    ))
+    click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/  (upstream: {settings.upstream_label})",
+               err=True)
+    server.run()
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9000, show_default=True, help="Port to listen on.")
+@click.option("--ttft", type=float, default=0.25, show_default=True, help="Seconds before the first token.")
+@click.option("--tps", type=float, default=40.0, show_default=True, help="Tokens per second; 0: no delay.")
+@click.option("--tokens", type=int, default=80, show_default=True, help="Answer length in tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same answers.")
+@click.option("--fault", default=None,
+              help="Fault for every request: error-before, error-mid, stall, malformed, http-429, http-500.")
+@click.option("--log-level", default="warning", show_default=True)
+def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, fault: str | None,
+        log_level: str) -> None:
+    """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions).
+
+    \b
+    Any OpenAI client, or tokenrelay itself, can point at it:
+      tokenrelay sim --port 9000 &
+      TOKENRELAY_UPSTREAM_URL=http://127.0.0.1:9000/v1 tokenrelay serve
+
+    \b
+    Per request, options ride in the model name or an X-Sim-Options header:
+      sim:echo                     repeat the last user message
+      sim:ttft=2,tps=10,tokens=50  pacing and length
+      sim:fault=error-mid          error-before | error-mid | stall | malformed | http-NNN
+      sim:fault=stall,stall=5,at=3 go silent 5 s after 3 tokens
+    GET /sim/stats counts open, completed and client-cancelled streams.
+    """
+    import uvicorn
+
+    from .errors import ValidationFailed
+    from .providers.simulator import SimOptions
+    from .sim_server import create_sim_app
+
+    defaults = SimOptions(ttft=ttft, tps=tps, tokens=tokens, seed=seed)
+    if fault:
+        try:
+            defaults = defaults.with_model(f"sim:fault={fault}")
+        except ValidationFailed as exc:
+            raise click.BadParameter(exc.message, param_hint="--fault") from None
+    setup_logging(log_level)
+    click.echo(f"simulator on http://{host}:{port}/v1", err=True)
+    uvicorn.Server(uvicorn.Config(create_sim_app(defaults), host=host, port=port, log_config=None)).run()
+
+
+@cli.command()
+@click.argument("question", required=False)
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="TOKENRELAY_URL",
+              help="The tokenrelay service.")
+@click.option("--sse", is_flag=True, help="Use Server-Sent Events instead of plain text.")
+@click.option("--model", default=None, help="Model to ask (default: the service's).")
+@click.option("--system", default=None, help="A system message to send first.")
+@click.option("-v", "--verbose", is_flag=True, help="Print time to first token and tokens/s to stderr.")
+def ask(question: str | None, url: str, sse: bool, model: str | None, system: str | None,
+        verbose: bool) -> None:
+    """Ask a question; print the answer as it arrives.
+
+    The question is read from stdin when not given. Exits 1 with a message when the service
+    refuses or the stream fails midway, 130 on Ctrl-C (which also stops the model).
+    """
+    from .ask import AskFailed, stream_answer
+
+    if question is None:
+        if sys.stdin.isatty():
+            raise click.UsageError("give a question, or pipe one on stdin")
+        question = sys.stdin.read()
+    if not question.strip():
+        raise click.UsageError("the question is empty")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": question}]
+    body: dict[str, Any] = {"messages": messages}
+    if model:
+        body["model"] = model
+    out = click.get_text_stream("stdout")
+    try:
+        stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
+                              flush=out.flush)
+    except AskFailed as exc:
+        out.write("\n")
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        out.write("\n")
+        click.echo("cancelled", err=True)
+        sys.exit(130)
+    out.write("\n")
+    out.flush()
+    if verbose:
+        click.echo(stats.describe(), err=True)

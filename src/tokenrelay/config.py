@@ -1,0 +1,159 @@
+"""Settings: one object, read once at start-up and passed down.
+
+Sources, strongest first: explicit overrides (command-line flags), environment variables
+(``TOKENRELAY_*``; the upstream key also falls back to ``OPENAI_API_KEY``), an optional TOML
+file (``--config``), then the defaults below. A bad value stops start-up with a message that
+names the setting.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "TOKENRELAY_"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True, frozen=True
+    )
+
+    # --- where the answers come from ---
+    upstream_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible API (…/v1). Unset: the built-in simulator.",
+    )
+    upstream_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("upstream_key", "TOKENRELAY_UPSTREAM_KEY", "OPENAI_API_KEY"),
+        description="API key sent to the upstream. Never sent to clients, never logged.",
+    )
+    model: str | None = Field(
+        default=None, description="Model used when a request names none ('sim' on the simulator)."
+    )
+
+    # --- serving ---
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    heartbeat_interval: float = Field(
+        default=15.0, gt=0, description="Seconds of silence before an SSE ': ping' comment."
+    )
+
+    # --- upstream timeouts (seconds) ---
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(
+        default=120.0, gt=0, description="Longest silence from the upstream, before its first byte too."
+    )
+    pool_size: int = Field(default=1000, gt=0, description="Upstream connections kept open at most.")
+
+    # --- the built-in simulator ---
+    sim_ttft: float = Field(default=0.25, ge=0, description="Simulated time to first token (s).")
+    sim_tps: float = Field(default=40.0, ge=0, description="Simulated tokens per second; 0: no delay.")
+    sim_tokens: int = Field(default=80, ge=0, description="Simulated answer length in tokens.")
+    sim_seed: int = Field(default=0, description="Seed; the same seed gives the same answer.")
+
+    # --- logs ---
+    log_level: str = "info"
+    log_json: bool = False
+    log_prompts: bool = False
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+        return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError("must be one of critical, error, warning, info, debug")
+        return value.lower()
+
+    @property
+    def simulated(self) -> bool:
+        return self.upstream_url is None
+
+    @property
+    def default_model(self) -> str | None:
+        return self.model or ("sim" if self.simulated else None)
+
+    @property
+    def upstream_label(self) -> str:
+        """The upstream as it may be shown to users: no credentials, no query."""
+        if self.upstream_url is None:
+            return "simulator"
+        parts = urlsplit(self.upstream_url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from flags, environment and an optional TOML file.
+
+    Values from the TOML file are weaker than the environment, so they are applied only
+    for the fields the environment leaves unset.
+    """
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        unknown = sorted(set(file_values) - set(Settings.model_fields))
+        if unknown:
+            raise SettingsError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        from_env = Settings(**given)
+        # Fields still at their defaults may come from the file.
+        explicit = from_env.model_fields_set
+        merged = {k: v for k, v in file_values.items() if k not in explicit}
+        if not merged:
+            return from_env
+        return Settings(**{**merged, **given})
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        env_name = ENV_PREFIX + field.upper() if field in Settings.model_fields else field
+        lines.append(f"invalid setting {env_name} ({field}): {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The errors tokenrelay raises, and the one place they become HTTP responses.
+
+    TokenrelayError                 500 internal_error
+    ├── BadRequest                  400 invalid_request
+    │   ├── MalformedJSON           400 invalid_json
+    │   ├── UnsupportedMediaType    415 unsupported_media_type
+    │   ├── PayloadTooLarge         413 payload_too_large
+    │   └── ValidationFailed        422 validation_error
+    ├── NotFound                    404 not_found
+    └── UpstreamError               502 upstream_error
+        ├── UpstreamRateLimited     429 upstream_rate_limited
+        ├── UpstreamTimeout         504 upstream_timeout
+        ├── UpstreamUnavailable     502 upstream_unavailable   (connection refused / reset)
+        └── UpstreamProtocolError   502 upstream_protocol_error (malformed stream)
+
+Errors raised before the first byte of a response become a status and the JSON body
+``{"error": {"type", "message"}}``. After the first byte the status is gone: the wire
+encoder says it in-band (SSE ``event: error``) or aborts the body (plain text).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class TokenrelayError(Exception):
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        return {"error": {"type": self.type, "message": self.message}}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+
+class BadRequest(TokenrelayError):
+    status = 400
+    type = "invalid_request"
+
+
+class MalformedJSON(BadRequest):
+    type = "invalid_json"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    type = "unsupported_media_type"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+    type = "payload_too_large"
+
+
+class ValidationFailed(BadRequest):
+    status = 422
+    type = "validation_error"
+
+
+class NotFound(TokenrelayError):
+    status = 404
+    type = "not_found"
+
+
+class UpstreamError(TokenrelayError):
+    """The model API refused, failed, or broke its protocol."""
+
+    status = 502
+    type = "upstream_error"
+    upstream_status: int | None = None
+    """The HTTP status the upstream answered with, when it answered with one."""
+    reason: str = ""
+    """The upstream's own words for that status."""
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    type = "upstream_rate_limited"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_timeout"
+
+
+class UpstreamUnavailable(UpstreamError):
+    type = "upstream_unavailable"
+
+
+class UpstreamProtocolError(UpstreamError):
+    type = "upstream_protocol_error"
+
+
+def error_headers(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", b"application/json")]
+    headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
+    return headers

@@ -1,0 +1,66 @@
+"""Logging set-up: the request id on every record, plain or JSON lines.
+
+The request id (the client's ``X-Request-Id`` or a generated one) lives in a contextvar
+that the route sets; a filter stamps it on each record, so a line from deep inside a
+provider still says which request it belongs to.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+
+import orjson
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class _AbortFilter(logging.Filter):
+    """A plain-text stream aborted on purpose (see ``streaming.relay``) is already logged
+    as ``failed_midway``; the server's traceback for it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "StreamAborted"
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line).decode()
+
+
+def setup_logging(level: str = "info", *, json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if json:
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.error").addFilter(_AbortFilter())
+    # One line per request comes from tokenrelay itself; uvicorn's access log repeats it.
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,65 @@
+"""The Provider protocol: where answers come from.
+
+A provider turns a valid ``ChatRequest`` into an async iterator of ``Delta``. ``open``
+returns once the upstream has accepted the request (so refusals become an HTTP status
+before the first byte); iterating yields the answer; closing the iterator (``aclose``)
+cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import UpstreamError, UpstreamRateLimited
+from ..schemas import ChatRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One piece of the answer: text, and on the last pieces the finish reason or usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Provider(Protocol):
+    label: str
+    """Shown to users: 'simulator' or the upstream's URL without credentials."""
+
+    async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
+        """Start the request; raise ``UpstreamError`` if the upstream refuses it."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release shared resources (connection pools) at shutdown."""
+        ...
+
+
+def error_for_status(status: int, reason: str, *, retry_after: str | None = None) -> UpstreamError:
+    """The error for an upstream that answered with a non-200 status."""
+    message = f"upstream answered {status}: {reason}" if reason else f"upstream answered {status}"
+    if status == 429:
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        exc: UpstreamError = UpstreamRateLimited(message, headers=headers)
+    else:
+        exc = UpstreamError(message)
+    exc.upstream_status = status
+    exc.reason = reason
+    return exc

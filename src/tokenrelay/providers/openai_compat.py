@@ -1,0 +1,163 @@
+"""An OpenAI-compatible chat completions upstream (OpenAI, vLLM, Ollama, llama.cpp, LM Studio…).
+
+One pooled ``httpx.AsyncClient`` serves every request. ``open`` sends the request and waits
+for the response headers, so refusals (401, 429, 5xx) surface before tokenrelay writes a
+byte; the returned iterator decodes the SSE body into deltas and closes the upstream
+response in ``finally`` — which is how a departed client stops the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from ..config import Settings
+from ..errors import (
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ..schemas import ChatRequest
+from ..streaming.sse_decoder import SSEDecoder
+from .base import Delta, Usage, error_for_status
+
+
+def make_client(settings: Settings) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=settings.pool_size,
+        max_keepalive_connections=min(settings.pool_size, 100),
+    )
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout,
+        read=settings.read_timeout,
+        write=settings.connect_timeout,
+        pool=settings.connect_timeout,
+    )
+    return httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False)
+
+
+class OpenAICompatible:
+    def __init__(self, *, base_url: str, api_key: str | None, client: httpx.AsyncClient, label: str) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.label = label
+        self._client = client
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            # Compressed SSE would be held back by the decompressor; ask for it plain.
+            "accept-encoding": "identity",
+        }
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+
+    def _body(self, request: ChatRequest, model: str) -> bytes:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        return orjson.dumps(body)
+
+    async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
+        http_request = self._client.build_request(
+            "POST", self.url, content=self._body(request, model), headers=self._headers
+        )
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"cannot reach upstream: {exc or type(exc).__name__}") from None
+        if response.status_code != 200:
+            try:
+                raw = await response.aread()
+            except httpx.HTTPError:
+                raw = b""
+            finally:
+                await response.aclose()
+            raise error_for_status(
+                response.status_code,
+                _reason(raw) or response.reason_phrase,
+                retry_after=response.headers.get("retry-after"),
+            )
+        return self._deltas(response)
+
+    async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
+        decoder = SSEDecoder()
+        finished = False
+        try:
+            async for chunk in response.aiter_raw():
+                for event in decoder.feed(chunk):
+                    if event.data == "[DONE]":
+                        return
+                    delta = _delta(event.data)
+                    if delta is not None:
+                        finished = finished or delta.finish_reason is not None
+                        yield delta
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream went silent mid-stream") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"upstream connection lost mid-stream: {exc or type(exc).__name__}") from None
+        finally:
+            await response.aclose()
+        if not finished:  # some servers omit [DONE]; a finish_reason is as good an ending
+            raise UpstreamProtocolError("upstream closed the stream before the answer finished")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _delta(data: str) -> Delta | None:
+    """One ``chat.completion.chunk`` → a Delta (None when it carries nothing)."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {data[:80]!r}") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
+    if "error" in chunk:
+        raise UpstreamError(f"upstream sent an error: {_error_message(chunk['error'])}")
+    text = ""
+    finish = None
+    choices = chunk.get("choices") or ()
+    if choices:
+        choice = choices[0]
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            text = content
+        finish = choice.get("finish_reason")
+    usage = None
+    raw_usage = chunk.get("usage")
+    if raw_usage:
+        prompt = int(raw_usage.get("prompt_tokens") or 0)
+        completion = int(raw_usage.get("completion_tokens") or 0)
+        usage = Usage(prompt, completion, int(raw_usage.get("total_tokens") or prompt + completion))
+    if not text and finish is None and usage is None:
+        return None
+    return Delta(text=text, finish_reason=finish, usage=usage)
+
+
+def _error_message(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _reason(raw: bytes) -> str:
+    """The upstream's own explanation from an error body, if it gave one."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw[:200].decode("utf-8", "replace").strip()
+    if isinstance(body, dict) and "error" in body:
+        return _error_message(body["error"])
+    return ""

@@ -1,0 +1,144 @@
+"""The simulator: a stand-in model that answers offline, deterministically.
+
+It implements the same Provider protocol as the OpenAI-compatible provider, so
+``tokenrelay serve`` with no upstream runs on it in-process, and ``tokenrelay sim`` serves it
+over HTTP for tests, demos and the benchmark.
+
+Per-request options ride in the model name, so they pass through any client and relay::
+
+    sim                          the defaults
+    sim:echo                     repeat the last user message
+    sim:ttft=2,tps=10,tokens=50  pacing and length (tps=0: no delay)
+    sim:seed=7                   another deterministic answer
+    sim:fault=error-mid          error-before | error-mid | stall | malformed | http-429 | http-500 | http-NNN
+    sim:fault=stall,stall=5      go silent for 5 s after ``at`` tokens (default: halfway)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
+from ..schemas import ChatRequest
+from .base import Delta, Usage, error_for_status
+
+FAULTS = ("error-before", "error-mid", "stall", "malformed")
+
+# Words of an ordinary answer, with 2-, 3- and 4-byte UTF-8 characters among them so every
+# client on the path is exercised on characters that a chunk boundary could split.
+_VOCABULARY = (
+    " the", " stream", " answer", " arrives", " token", " by", " token", ",", " as", " it",
+    " is", " written", ".", " A", " proxy", " must", " not", " buffer", " it", ";", " the",
+    " browser", " paints", " each", " piece", " at", " once", " café", " naïve", " façade",
+    " déjà", " vu", " —", " €5", " 日本語", " の", " 文字", " 😀", " 🚀", " 𝄞", " ✓", " Ω",
+    " über", " straße", " and", " then", " the", " model", " stops", " done",
+)
+_WORDS = re.compile(r"\s*\S+|\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class SimOptions:
+    ttft: float = 0.25
+    tps: float = 40.0
+    tokens: int = 80
+    seed: int = 0
+    echo: bool = False
+    fault: str | None = None
+    at: int | None = None
+    stall: float = 30.0
+
+    def with_model(self, model: str) -> SimOptions:
+        """Apply the options written in a model name such as ``sim:echo,tps=10``."""
+        _, _, spec = model.partition(":")
+        if not spec:
+            return self
+        changes: dict[str, object] = {}
+        for item in spec.split(","):
+            key, eq, value = item.strip().partition("=")
+            try:
+                if key == "echo" and not eq:
+                    changes["echo"] = True
+                elif key in ("ttft", "tps", "stall"):
+                    changes[key] = float(value)
+                elif key in ("tokens", "seed", "at"):
+                    changes[key] = int(value)
+                elif key == "fault" and (value in FAULTS or re.fullmatch(r"http-\d{3}", value)):
+                    changes["fault"] = value
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ValidationFailed(
+                    f"model: unknown simulator option {item!r} in {model!r} (see 'tokenrelay sim --help')"
+                ) from None
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def answer_tokens(request: ChatRequest, options: SimOptions) -> list[str]:
+    """The answer's tokens: deterministic for a seed and a question."""
+    last_user = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+    if options.echo:
+        return _WORDS.findall(last_user) or [""]
+    count = options.tokens if request.max_tokens is None else min(options.tokens, request.max_tokens)
+    rng = random.Random(options.seed * 1_000_003 + zlib.crc32(last_user.encode()))
+    words = [rng.choice(_VOCABULARY) for _ in range(count)]
+    if words:
+        words[0] = words[0].lstrip()
+    return words
+
+
+def prompt_tokens(request: ChatRequest) -> int:
+    return sum(len(_WORDS.findall(m.content)) + 3 for m in request.messages)
+
+
+class Simulator:
+    label = "simulator"
+
+    def __init__(self, defaults: SimOptions | None = None) -> None:
+        self.defaults = defaults or SimOptions()
+
+    async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
+        options = self.defaults.with_model(model)
+        if options.fault and options.fault.startswith("http-"):
+            status = int(options.fault[5:])
+            reason = "simulated rate limit" if status == 429 else "simulated upstream failure"
+            raise error_for_status(status, reason, retry_after="1" if status == 429 else None)
+        return self._deltas(request, options)
+
+    async def _deltas(self, request: ChatRequest, options: SimOptions) -> AsyncIterator[Delta]:
+        tokens = answer_tokens(request, options)
+        fault_at = options.at if options.at is not None else len(tokens) // 2
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        interval = 1.0 / options.tps if options.tps > 0 else 0.0
+        await asyncio.sleep(options.ttft)
+        if options.fault == "error-before":
+            raise UpstreamError("simulated upstream error before the first token")
+        for i, token in enumerate(tokens):
+            if i == fault_at:
+                if options.fault == "error-mid":
+                    raise UpstreamError("simulated upstream failure mid-stream")
+                if options.fault == "malformed":
+                    raise UpstreamProtocolError("simulated malformed stream")
+                if options.fault == "stall":
+                    await asyncio.sleep(options.stall)
+                    start += options.stall
+            if interval:
+                # Pace against the clock, not per sleep, so the rate holds under load.
+                delay = start + options.ttft + i * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif i % 64 == 63:
+                await asyncio.sleep(0)  # let other streams run
+            yield Delta(text=token)
+        finish = "length" if request.max_tokens is not None and len(tokens) >= request.max_tokens and not options.echo else "stop"
+        completion = len(tokens)
+        prompt = prompt_tokens(request)
+        yield Delta(finish_reason=finish, usage=Usage(prompt, completion, prompt + completion))
+
+    async def aclose(self) -> None:
+        return None

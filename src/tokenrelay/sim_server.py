@@ -1,0 +1,212 @@
+"""``tokenrelay sim``: the simulator served as an OpenAI-compatible HTTP API.
+
+Routes: ``POST /v1/chat/completions`` (stream or not, ``stream_options.include_usage``),
+``GET /v1/models``, and ``GET /sim/stats`` — how many streams are open, finished and
+cancelled by their client, which is how tests prove that a departed browser really stopped
+the model. Options per request ride in the model name (see ``providers.simulator``) or in an
+``X-Sim-Options`` header with the same syntax (``echo,tps=5,fault=error-mid``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
+from .providers.base import Delta
+from .providers.simulator import SimOptions, Simulator
+from .schemas import ChatRequest, parse_model
+
+MODELS = ("sim", "sim:echo")
+
+
+@dataclass
+class SimStats:
+    open_streams: int = 0
+    total_streams: int = 0
+    completed_streams: int = 0
+    cancelled_streams: int = 0
+    failed_streams: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _openai_error(exc: TokenrelayError) -> bytes:
+    message = getattr(exc, "reason", "") or exc.message
+    kind = "rate_limit_error" if exc.status == 429 else (
+        "invalid_request_error" if exc.status < 500 else "server_error"
+    )
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+class _Completion:
+    """One simulated completion as an ASGI response, counted in ``SimStats``."""
+
+    def __init__(self, *, sim: Simulator, chat: ChatRequest, model: str, stream: bool,
+                 include_usage: bool, stats: SimStats) -> None:
+        self.sim, self.chat, self.model = sim, chat, model
+        self.stream, self.include_usage, self.stats = stream, include_usage, stats
+        self.id = "chatcmpl-sim" + format(stats.total_streams, "x")
+        self.created = int(time.time())
+        self._done = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        stats = self.stats
+        stats.total_streams += 1
+        stats.open_streams += 1
+        outcome = "failed"
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def listen() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if not self._done:
+                        nonlocal outcome
+                        outcome = "cancelled"
+                        tg.cancel_scope.cancel()
+
+                tg.start_soon(listen)
+                if await (self._stream(send) if self.stream else self._whole(send)):
+                    outcome = "completed"
+                self._done = True
+                tg.cancel_scope.cancel()
+        finally:
+            stats.open_streams -= 1
+            if outcome == "completed":
+                stats.completed_streams += 1
+            elif outcome == "cancelled":
+                stats.cancelled_streams += 1
+            else:
+                stats.failed_streams += 1
+
+    async def _open(self, send: Any) -> AsyncIterator[Delta] | None:
+        try:
+            return await self.sim.open(self.chat, model=self.model)
+        except UpstreamError as exc:
+            status = exc.upstream_status or 500
+            headers = [(b"content-type", b"application/json")]
+            headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": _openai_error(exc)})
+            return None
+
+    async def _stream(self, send: Any) -> bool:
+        deltas = await self._open(send)
+        if deltas is None:
+            return False
+        head = orjson.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                             "model": self.model})[:-1]
+        prefix = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
+        suffix = b'},"finish_reason":null}]}\n\n'
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        role = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+        await send({"type": "http.response.body", "body": role, "more_body": True})
+        try:
+            async for delta in deltas:
+                if delta.text:
+                    body = prefix + orjson.dumps(delta.text) + suffix
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                if delta.finish_reason is not None:
+                    body = b"data: " + head + b',"choices":[{"index":0,"delta":{},"finish_reason":' + \
+                        orjson.dumps(delta.finish_reason) + b"}]}\n\n"
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                if delta.usage is not None and self.include_usage:
+                    body = b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(delta.usage.to_dict()) + b"}\n\n"
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+        except UpstreamProtocolError:
+            await send({"type": "http.response.body", "body": b'data: {"choices": [{"delta": \n\n'})
+            return False
+        except UpstreamError as exc:
+            await send({"type": "http.response.body", "body": b"data: " + _openai_error(exc) + b"\n\n"})
+            return False
+        finally:
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()  # type: ignore[attr-defined]
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        return True
+
+    async def _whole(self, send: Any) -> bool:
+        deltas = await self._open(send)
+        if deltas is None:
+            return False
+        parts: list[str] = []
+        finish, usage = None, None
+        try:
+            async for delta in deltas:
+                parts.append(delta.text)
+                finish = delta.finish_reason or finish
+                usage = delta.usage or usage
+        except UpstreamError as exc:
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": _openai_error(exc)})
+            return False
+        body = orjson.dumps({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "finish_reason": finish}],
+            "usage": usage.to_dict() if usage else None,
+        })
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+        return True
+
+
+def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
+    sim = Simulator(defaults)
+    stats = SimStats()
+
+    async def completions(request: Request) -> Response:
+        raw = await request.body()
+        chat = parse_model(ChatRequest, raw)
+        model = chat.model or "sim"
+        extra = request.headers.get("x-sim-options")
+        if extra:
+            base, _, spec = model.partition(":")
+            model = base + ":" + ",".join(filter(None, (spec, extra)))
+        data = orjson.loads(raw)
+        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        stream = bool(data.get("stream", False))
+        return _Completion(sim=sim, chat=chat, model=model, stream=stream,  # type: ignore[return-value]
+                           include_usage=include_usage, stats=stats)
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "tokenrelay-simulator"} for m in MODELS]})
+
+    async def sim_stats(request: Request) -> JSONResponse:
+        return JSONResponse(stats.to_dict())
+
+    async def error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TokenrelayError)
+        status = 400 if isinstance(exc, ValidationFailed) else exc.status
+        return Response(_openai_error(exc), status_code=status, media_type="application/json")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.stats = stats
+        yield
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/sim/stats", sim_stats, methods=["GET"]),
+        ],
+        exception_handlers={TokenrelayError: error},
+        lifespan=lifespan,
+    )

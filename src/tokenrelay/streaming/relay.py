@@ -1,0 +1,303 @@
+"""The relay: provider deltas → wire encoder → the client's socket.
+
+``RelayResponse`` is a plain ASGI response. It runs the stream and a disconnect listener in
+one task group, as Starlette's ``StreamingResponse`` does: whichever ends first cancels the
+other, so a client that leaves — before the first token, midway, or during a one-shot
+request — closes the upstream request at once.
+
+Before the first byte, an upstream failure is still an HTTP status with a JSON error. After
+it, the status is gone: SSE says ``event: error``; plain text drops the connection without
+the terminating chunk, so every HTTP client reports a truncated body instead of a short
+answer that looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+import orjson
+
+from ..errors import TokenrelayError, UpstreamError, error_headers
+from ..providers.base import Delta, Provider, Usage
+from ..schemas import ChatRequest
+from . import sse
+
+log = logging.getLogger("tokenrelay.request")
+
+Mode = Literal["text", "sse", "json"]
+Send = Any
+Receive = Any
+
+_CONTENT_TYPES = {
+    "text": b"text/plain; charset=utf-8",
+    "sse": b"text/event-stream; charset=utf-8",
+    "json": b"application/json",
+}
+
+
+class StreamAborted(Exception):
+    """Raised to the server so it drops the connection mid-body (see module docstring)."""
+
+
+@dataclass(slots=True)
+class StreamRecord:
+    """What one request did; read by the request log line (and metrics)."""
+
+    request_id: str
+    stream_id: str
+    model: str
+    mode: Mode
+    route: str = "/api/get-response"
+    status: int = 200
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    chunks: int = 0
+    bytes_out: int = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    outcome: str = "completed"
+    error_type: str | None = None
+
+    def note(self, delta: Delta) -> None:
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if delta.usage is not None:
+            self.usage = delta.usage
+
+    def fail(self, exc: TokenrelayError, *, midway: bool) -> None:
+        self.error_type = exc.type
+        if not midway:
+            self.status = exc.status
+        self.outcome = "failed_midway" if midway else (
+            "upstream_error" if isinstance(exc, UpstreamError) else "rejected"
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.usage.completion_tokens if self.usage else self.chunks
+
+
+class RelayResponse:
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        request: ChatRequest,
+        record: StreamRecord,
+        heartbeat: float,
+    ) -> None:
+        self.provider = provider
+        self.request = request
+        self.record = record
+        self.heartbeat = heartbeat
+        self._finished = False
+        self._abort: UpstreamError | None = None
+        self._last_send = 0.0
+        self._closing = anyio.Lock()
+        self._sse_closed = False
+        self._headers = [
+            (b"content-type", _CONTENT_TYPES[record.mode]),
+            (b"cache-control", b"no-cache, no-transform"),
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", record.request_id.encode()),
+            (b"x-stream-id", record.stream_id.encode()),
+        ]
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
+                if self.record.mode == "text":
+                    await self._text(send)
+                elif self.record.mode == "sse":
+                    await self._sse(send, tg)
+                else:
+                    await self._json(send)
+                self._finished = True
+                tg.cancel_scope.cancel()
+        finally:
+            _log_request(self.record)
+        if self._abort is not None:
+            raise StreamAborted(self._abort.message)
+
+    async def _listen_for_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+        if not self._finished:
+            self.record.outcome = "client_cancelled"
+            scope.cancel()
+
+    async def _open(self, send: Send) -> AsyncIterator[Delta] | None:
+        try:
+            return await self.provider.open(self.request, model=self.record.model)
+        except TokenrelayError as exc:
+            self.record.fail(exc, midway=False)
+            await send_error(send, exc, request_id=self.record.request_id)
+            return None
+
+    async def _text(self, send: Send) -> None:
+        record = self.record
+        deltas = await self._open(send)
+        if deltas is None:
+            return
+        started = False
+        try:
+            async for delta in deltas:
+                text = delta.text
+                if text:
+                    body = text.encode()
+                    if not started:
+                        # Headers wait for the first token: until then a failure can
+                        # still be an honest status code.
+                        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+                        started = True
+                        record.first_token = time.perf_counter()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    record.chunks += 1
+                    record.bytes_out += len(body)
+                if delta.finish_reason is not None or delta.usage is not None:
+                    record.note(delta)
+        except UpstreamError as exc:
+            record.fail(exc, midway=started)
+            if started:
+                self._abort = exc
+            else:
+                await send_error(send, exc, request_id=record.request_id)
+            return
+        finally:
+            await _close(deltas)
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _sse(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+        record = self.record
+        deltas = await self._open(send)
+        if deltas is None:
+            return
+        # Headers and the start event go out as soon as the upstream accepts, so heartbeats
+        # can keep idle proxies from timing out while a slow model thinks.
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        start = sse.start(record.stream_id, record.model)
+        await send({"type": "http.response.body", "body": start, "more_body": True})
+        self._last_send = time.monotonic()
+        tg.start_soon(self._ping, send)
+        seq = 0
+        closing: bytes
+        try:
+            async for delta in deltas:
+                text = delta.text
+                if text:
+                    seq += 1
+                    if seq == 1:
+                        record.first_token = time.perf_counter()
+                    body = sse.delta(seq, text)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                    self._last_send = time.monotonic()
+                    record.chunks += 1
+                    record.bytes_out += len(body)
+                if delta.finish_reason is not None or delta.usage is not None:
+                    record.note(delta)
+            closing = sse.done(record.finish_reason, record.usage)
+        except UpstreamError as exc:
+            record.fail(exc, midway=True)
+            closing = sse.error(exc)
+        finally:
+            await _close(deltas)
+        async with self._closing:
+            await send({"type": "http.response.body", "body": closing, "more_body": False})
+            self._sse_closed = True
+
+    async def _ping(self, send: Send) -> None:
+        """Send ': ping' after each ``heartbeat`` seconds of silence.
+
+        Every send is a whole event, so a ping interleaving with a delta is harmless; only
+        the final send must not be overtaken, hence the lock around both."""
+        while True:
+            wait = self._last_send + self.heartbeat - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(wait)
+                continue
+            async with self._closing:
+                if self._sse_closed:
+                    return
+                await send({"type": "http.response.body", "body": sse.PING, "more_body": True})
+            self._last_send = time.monotonic()
+
+    async def _json(self, send: Send) -> None:
+        record = self.record
+        deltas = await self._open(send)
+        if deltas is None:
+            return
+        parts: list[str] = []
+        try:
+            async for delta in deltas:
+                if delta.text:
+                    if not parts:
+                        record.first_token = time.perf_counter()
+                    parts.append(delta.text)
+                    record.chunks += 1
+                if delta.finish_reason is not None or delta.usage is not None:
+                    record.note(delta)
+        except UpstreamError as exc:
+            record.fail(exc, midway=False)
+            await send_error(send, exc, request_id=record.request_id)
+            return
+        finally:
+            await _close(deltas)
+        body = orjson.dumps(
+            {
+                "text": "".join(parts),
+                "finish_reason": record.finish_reason,
+                "usage": record.usage.to_dict() if record.usage else None,
+                "model": record.model,
+            }
+        )
+        record.bytes_out = len(body)
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _close(deltas: AsyncIterator[Delta]) -> None:
+    """Close the provider's iterator — and with it the upstream request — even when this
+    task is being cancelled because the client left."""
+    aclose = getattr(deltas, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
+async def send_error(send: Send, exc: TokenrelayError, *, request_id: str | None = None) -> None:
+    headers = error_headers(exc)
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": exc.body(), "more_body": False})
+
+
+def _log_request(record: StreamRecord) -> None:
+    now = time.perf_counter()
+    ttft = f"{(record.first_token - record.started) * 1000:.1f}" if record.first_token else "-"
+    log.info(
+        "%s %s status=%d mode=%s model=%s outcome=%s ttft_ms=%s chunks=%d tokens=%d bytes=%d duration_ms=%.1f%s",
+        record.route,
+        record.stream_id,
+        record.status,
+        record.mode,
+        record.model,
+        record.outcome,
+        ttft,
+        record.chunks,
+        record.tokens,
+        record.bytes_out,
+        (now - record.started) * 1000,
+        f" error={record.error_type}" if record.error_type else "",
+    )
