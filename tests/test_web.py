@@ -190,6 +190,8 @@ def test_answer_grows_while_streaming(chat: Chat):
     expect(msg).to_have_attribute("data-state", "done", timeout=30_000)
     final = snapshot(chat.page)
     assert final["text"].startswith(second["text"]) and len(final["text"]) > len(second["text"])
+    # Multi-byte characters split across chunks must decode cleanly.
+    assert "\ufffd" not in final["text"]
 
     stats = msg.locator(".stats")
     expect(stats).to_be_visible()
