@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import httpx
 import pytest
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -167,6 +168,25 @@ def test_header_shows_upstream_and_prefills_model(chat: Chat):
     expect(page.get_by_label("Model")).to_have_id("model")
     expect(page.locator("#send")).to_be_enabled()
     expect(page.locator("#stop")).to_be_disabled()
+
+
+def test_header_says_when_the_simulator_answers(browser, start_relay):
+    server = start_relay(upstream=None)
+    info = httpx.get(server.url + "/api/info", timeout=5).json()
+    assert info["simulated"] is True
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    try:
+        sim_chat = Chat(context.new_page(), server.url).open()
+        label = sim_chat.page.locator("#upstream")
+        expect(label).to_have_attribute("data-simulated", "true")
+        expect(label).to_contain_text("Simulator — no model API configured")
+        expect(label).to_be_visible()
+        msg = sim_chat.ask("hello simulator", model="sim:echo")
+        expect(msg).to_have_attribute("data-state", "done")
+        expect(msg.locator(".text")).to_have_text("hello simulator")
+        assert sim_chat.page_errors == []
+    finally:
+        context.close()
 
 
 def test_answer_grows_while_streaming(chat: Chat):
