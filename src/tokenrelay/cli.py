@@ -142,7 +142,7 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     if question is None:
         if sys.stdin.isatty():
             raise click.UsageError("give a question, or pipe one on stdin")
-        question = sys.stdin.read()
+        question = sys.stdin.read().rstrip("\n")
     if not question.strip():
         raise click.UsageError("the question is empty")
     messages = ([{"role": "system", "content": system}] if system else []) + [

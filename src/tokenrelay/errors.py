@@ -8,6 +8,7 @@
     │   └── ValidationFailed        422 validation_error
     ├── NotFound                    404 not_found
     └── UpstreamError               502 upstream_error
+        ├── UpstreamRejected        400 upstream_rejected_request (upstream 4xx but 401/403/429)
         ├── UpstreamRateLimited     429 upstream_rate_limited
         ├── UpstreamTimeout         504 upstream_timeout
         ├── UpstreamUnavailable     502 upstream_unavailable   (connection refused / reset)
@@ -77,6 +78,11 @@ class UpstreamError(TokenrelayError):
     """The HTTP status the upstream answered with, when it answered with one."""
     reason: str = ""
     """The upstream's own words for that status."""
+
+
+class UpstreamRejected(UpstreamError):
+    status = 400
+    type = "upstream_rejected_request"
 
 
 class UpstreamRateLimited(UpstreamError):

@@ -178,6 +178,7 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
         if extra:
             base, _, spec = model.partition(":")
             model = base + ":" + ",".join(filter(None, (spec, extra)))
+        sim.defaults.with_model(model)  # refuse unknown options here, as a 400
         data = orjson.loads(raw)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         stream = bool(data.get("stream", False))

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import UpstreamError, UpstreamRateLimited
+from ..errors import UpstreamError, UpstreamRateLimited, UpstreamRejected
 from ..schemas import ChatRequest
 
 
@@ -58,6 +58,9 @@ def error_for_status(status: int, reason: str, *, retry_after: str | None = None
     if status == 429:
         headers = {"Retry-After": retry_after} if retry_after else {}
         exc: UpstreamError = UpstreamRateLimited(message, headers=headers)
+    elif 400 <= status < 500 and status not in (401, 403):
+        # The request itself was refused (unknown model, context too long): the caller can fix it.
+        exc = UpstreamRejected(message)
     else:
         exc = UpstreamError(message)
     exc.upstream_status = status

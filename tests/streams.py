@@ -1,0 +1,56 @@
+"""Client-side helpers for the tests: read a stream and note when each piece arrived."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from tokenrelay.streaming.sse_decoder import ServerSentEvent, SSEDecoder
+
+
+def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], **extra}
+
+
+@dataclass
+class Arrivals:
+    status: int
+    headers: httpx.Headers
+    chunks: list[bytes] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    error: Exception | None = None
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def spread(self) -> float:
+        """Seconds between the first and the last piece."""
+        return self.times[-1] - self.times[0] if self.times else 0.0
+
+    def events(self) -> list[ServerSentEvent]:
+        decoder = SSEDecoder()
+        return decoder.feed(self.body)
+
+
+def read_stream(url: str, body: dict[str, Any], *, sse: bool = False, timeout: float = 30) -> Arrivals:
+    headers = {"accept": "text/event-stream"} if sse else {}
+    with httpx.Client(timeout=timeout) as client:
+        with client.stream("POST", url + "/api/get-response", json=body, headers=headers) as response:
+            result = Arrivals(status=response.status_code, headers=response.headers)
+            try:
+                for chunk in response.iter_raw():
+                    result.chunks.append(chunk)
+                    result.times.append(time.perf_counter())
+            except httpx.HTTPError as exc:
+                result.error = exc
+    return result
+
+
+def event_data(event: ServerSentEvent) -> Any:
+    return orjson.loads(event.data)
