@@ -324,7 +324,8 @@
       usage && Number.isFinite(usage.completion_tokens) ? usage.completion_tokens : run.deltas;
     const tokenSource = usage && Number.isFinite(usage.completion_tokens) ? "usage" : "deltas";
     let tps = null;
-    if (run.firstTokenAt !== null) {
+    // A rate needs at least two deltas: a single chunk has no duration.
+    if (run.firstTokenAt !== null && run.deltas >= 2) {
       const seconds = (now - run.firstTokenAt) / 1000;
       if (seconds > 0 && tokens > 0) tps = tokens / seconds;
     }
@@ -332,7 +333,8 @@
     parts.push(ttft === null ? "no tokens received" : "first token " + formatNumber(ttft, 0) + " ms");
     if (tps !== null) parts.push(formatNumber(tps, 1) + " tokens/s");
     if (run.firstTokenAt !== null) {
-      parts.push(formatNumber(tokens, 0) + (tokenSource === "usage" ? " tokens" : " deltas"));
+      const unit = tokenSource === "usage" ? "token" : "delta";
+      parts.push(formatNumber(tokens, 0) + " " + unit + (tokens === 1 ? "" : "s"));
     }
     if (usage && Number.isFinite(usage.prompt_tokens)) {
       parts.push(formatNumber(usage.prompt_tokens, 0) + " prompt tokens");
@@ -384,6 +386,7 @@
     function settle(state, details) {
       if (run.settled) return;
       run.settled = true;
+      const stick = isNearBottom();
       view.setState(state);
       if (state === "done") {
         history.push(userMsg, { role: "assistant", content: view.text() });
@@ -396,6 +399,7 @@
         }
       }
       finishStats(view, run, details && details.usage, details && details.finishReason);
+      if (stick) scrollToBottom();
     }
 
     function handleEvent(ev) {
