@@ -150,7 +150,7 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     body: dict[str, Any] = {"messages": messages}
     if model:
         body["model"] = model
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
                               flush=out.flush)
