@@ -1,0 +1,111 @@
+"""The OpenAI-compatible provider decodes a streamed chat completion into the same deltas
+however the upstream's bytes are split — inside lines, between CR and LF, inside UTF-8
+characters. The upstream here is httpx's MockTransport (the one seam for a fake upstream);
+the same provider runs against the real simulator in the route tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenrelay.errors import UpstreamError, UpstreamProtocolError
+from tokenrelay.providers.base import Delta, Usage
+from tokenrelay.providers.openai_compat import OpenAICompatible
+from tokenrelay.schemas import ChatRequest
+
+REQUEST = ChatRequest(messages=[{"role": "user", "content": "hi"}])
+pieces = st.text(alphabet=st.sampled_from("ab \n\"\\é€日😀𝄞"), min_size=1, max_size=6)
+
+
+def chunk(content: str | None = None, *, finish: str | None = None, usage: dict | None = None) -> dict:
+    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {},
+                                 "finish_reason": finish}]
+    body: dict = {"id": "c", "object": "chat.completion.chunk", "choices": choices}
+    if usage:
+        body["usage"] = usage
+    return body
+
+
+def frame(event: dict, eol: str, multiline: bool) -> str:
+    data = orjson.dumps(event).decode()
+    if multiline:  # JSON split over several data: lines is joined with '\n' — still valid JSON
+        cut = data.index(",")
+        return f"data: {data[:cut]}{eol}data: {data[cut:]}{eol}{eol}"
+    return f"data: {data}{eol}{eol}"
+
+
+class Chunked(httpx.AsyncByteStream):
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+
+    async def __aiter__(self):
+        for part in self.parts:
+            yield part
+
+
+def run(parts: list[bytes], status: int = 200) -> list[Delta]:
+    async def go() -> list[Delta]:
+        transport = httpx.MockTransport(lambda request: httpx.Response(status, stream=Chunked(parts)))
+        async with httpx.AsyncClient(transport=transport) as client:
+            provider = OpenAICompatible(base_url="http://upstream/v1", api_key="k", client=client, label="t")
+            deltas = await provider.open(REQUEST, model="m")
+            return [d async for d in deltas]
+
+    return asyncio.run(go())
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, last = [], 0
+    for p in points:
+        out.append(data[last:p])
+        last = p
+    return [*out, data[last:]]
+
+
+@given(
+    texts=st.lists(pieces, min_size=1, max_size=8),
+    eol=st.sampled_from(["\n", "\r\n", "\r"]),
+    multiline=st.booleans(),
+    comments=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0), max_size=25),
+)
+def test_every_split_gives_the_same_deltas(texts, eol, multiline, comments, cuts) -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": len(texts), "total_tokens": 3 + len(texts)}
+    stream = "".join(
+        (f": keep-alive{eol}" if comments else "") + frame(chunk(t), eol, multiline) for t in texts
+    ) + frame(chunk(finish="stop"), eol, False) + frame(chunk(usage=usage), eol, multiline) + f"data: [DONE]{eol}{eol}"
+    deltas = run(split(stream.encode(), cuts))
+    assert "".join(d.text for d in deltas) == "".join(texts)
+    assert [d.text for d in deltas if d.text] == texts
+    assert deltas[-2].finish_reason == "stop"
+    assert deltas[-1].usage == Usage(3, len(texts), 3 + len(texts))
+
+
+@given(cuts=st.lists(st.integers(min_value=0), max_size=10))
+def test_error_object_mid_stream_raises(cuts) -> None:
+    stream = frame(chunk("partial"), "\n", False) + frame({"error": {"message": "overloaded"}}, "\n", False)
+    with pytest.raises(UpstreamError, match="overloaded"):
+        run(split(stream.encode(), cuts))
+
+
+def test_stream_cut_before_the_end_is_a_protocol_error() -> None:
+    with pytest.raises(UpstreamProtocolError, match="before the answer finished"):
+        run([frame(chunk("partial"), "\n", False).encode()])
+
+
+def test_not_json_is_a_protocol_error() -> None:
+    with pytest.raises(UpstreamProtocolError, match="not JSON"):
+        run([b"data: {oops\n\n"])
+
+
+def test_refusal_carries_the_upstreams_reason() -> None:
+    body = orjson.dumps({"error": {"message": "Incorrect API key provided"}})
+    with pytest.raises(UpstreamError, match="upstream answered 401: Incorrect API key") as info:
+        run([body], status=401)
+    assert info.value.status == 502
