@@ -107,6 +107,14 @@ def test_wrong_content_type_is_415(relay_server: RelayServer) -> None:
     assert_error(response, 415, "unsupported_media_type", "application/json")
 
 
+def test_fetch_default_content_type_is_accepted(relay_server: RelayServer) -> None:
+    # fetch(url, {method: "POST", body: JSON.stringify(payload)}) sends text/plain;charset=UTF-8
+    body = b'{"messages":[{"role":"user","content":"hi"}],"model":"sim:echo,tps=0"}'
+    response = post_raw(relay_server.url, body, "text/plain;charset=UTF-8")
+    assert response.status_code == 200
+    assert response.text == "hi"
+
+
 def test_body_over_the_limit_is_413(relay_server: RelayServer) -> None:
     big = b'{"messages":[{"role":"user","content":"' + b"x" * (1024 * 1024) + b'"}]}'
     assert_error(post_raw(relay_server.url, big), 413, "payload_too_large", "1048576")

@@ -47,11 +47,16 @@ def new_stream_id() -> str:
     return "st_" + secrets.token_hex(12)
 
 
+# text/plain is what fetch() sends for a string body when no Content-Type is set — as the
+# original design's client does — so it is read as JSON too; forms, XML and the like are not.
+JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain", ""})
+
+
 async def read_json_body(request: Request, limit: int) -> bytes:
     """The request body, refused early when it is not JSON or larger than ``limit``."""
     content_type = request.headers.get("content-type", "")
     media = content_type.partition(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
+    if media not in JSON_MEDIA_TYPES and not media.endswith("+json"):
         raise UnsupportedMediaType(
             f"send the body as JSON with 'Content-Type: application/json' (got {content_type or 'none'!r})"
         )
