@@ -29,14 +29,19 @@ from .base import Delta, Usage, error_for_status
 
 FAULTS = ("error-before", "error-mid", "stall", "malformed")
 
-# Words of an ordinary answer, with 2-, 3- and 4-byte UTF-8 characters among them so every
-# client on the path is exercised on characters that a chunk boundary could split.
-_VOCABULARY = (
-    " the", " stream", " answer", " arrives", " token", " by", " token", ",", " as", " it",
-    " is", " written", ".", " A", " proxy", " must", " not", " buffer", " it", ";", " the",
-    " browser", " paints", " each", " piece", " at", " once", " café", " naïve", " façade",
-    " déjà", " vu", " —", " €5", " 日本語", " の", " 文字", " 😀", " 🚀", " 𝄞", " ✓", " Ω",
-    " über", " straße", " and", " then", " the", " model", " stops", " done",
+# Sentences of an ordinary answer, with 2-, 3- and 4-byte UTF-8 characters among them so
+# every client on the path meets characters that a chunk boundary could split.
+_SENTENCES = (
+    "Streaming sends each token the moment the model writes it.",
+    "A proxy that buffers holds the whole answer back until the end.",
+    "The browser decodes UTF-8 with care: café, naïve, façade, straße.",
+    "Characters such as 日本語の文字 take three bytes each.",
+    "Emoji like 😀 and 🚀, and the clef 𝄞, take four bytes.",
+    "A heartbeat keeps an idle connection open — every 15 s by default.",
+    "When the reader leaves, the relay closes the upstream request at once.",
+    "Errors after the first byte must stay visible, never a short answer.",
+    "The price is €0 for the simulator; a real model costs tokens.",
+    "Ω, ✓ and déjà vu are here to test the decoder too.",
 )
 _WORDS = re.compile(r"\s*\S+|\s+")
 
@@ -85,10 +90,11 @@ def answer_tokens(request: ChatRequest, options: SimOptions) -> list[str]:
         return _WORDS.findall(last_user) or [""]
     count = options.tokens if request.max_tokens is None else min(options.tokens, request.max_tokens)
     rng = random.Random(options.seed * 1_000_003 + zlib.crc32(last_user.encode()))
-    words = [rng.choice(_VOCABULARY) for _ in range(count)]
-    if words:
-        words[0] = words[0].lstrip()
-    return words
+    words: list[str] = []
+    while len(words) < count:
+        sentence = _WORDS.findall(rng.choice(_SENTENCES))
+        words.extend(sentence if not words else [" " + sentence[0], *sentence[1:]])
+    return words[:count]
 
 
 def prompt_tokens(request: ChatRequest) -> int:
