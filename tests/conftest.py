@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("tokenrelay", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("tokenrelay")
 
+from redis_server import RedisServer
 from servers import RelayServer, SimServer
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -52,3 +53,11 @@ def start_relay(log_dir: Path) -> Iterator[Callable[..., RelayServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(log_dir: Path) -> Iterator[str]:
+    """A real redis-server on a free loopback port for the whole run: ``redis://127.0.0.1:PORT/0``."""
+    server = RedisServer(log_dir=log_dir)
+    yield server.url
+    server.stop()
