@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,17 +30,29 @@ class Arrivals:
         return b"".join(self.chunks)
 
     @property
+    def decoded(self) -> bytes:
+        """The body with its gzip or deflate Content-Encoding (if any) undone."""
+        encoding = self.headers.get("content-encoding", "identity")
+        if encoding == "identity":
+            return self.body
+        if encoding in ("gzip", "deflate"):
+            return zlib.decompressobj(zlib.MAX_WBITS | 32).decompress(self.body)  # 32: gzip or zlib header
+        raise AssertionError(f"unexpected content-encoding {encoding!r}")
+
+    @property
     def spread(self) -> float:
         """Seconds between the first and the last piece."""
         return self.times[-1] - self.times[0] if self.times else 0.0
 
     def events(self) -> list[ServerSentEvent]:
         decoder = SSEDecoder()
-        return decoder.feed(self.body)
+        return decoder.feed(self.decoded)
 
 
-def read_stream(url: str, body: dict[str, Any], *, sse: bool = False, timeout: float = 30) -> Arrivals:
-    headers = {"accept": "text/event-stream"} if sse else {}
+def read_stream(url: str, body: dict[str, Any], *, sse: bool = False, timeout: float = 30,
+                headers: dict[str, str] | None = None) -> Arrivals:
+    """POST ``body`` and note when each raw piece arrives (still compressed, if it was)."""
+    headers = {**({"accept": "text/event-stream"} if sse else {}), **(headers or {})}
     with httpx.Client(timeout=timeout) as client:
         with client.stream("POST", url + "/api/get-response", json=body, headers=headers) as response:
             result = Arrivals(status=response.status_code, headers=response.headers)
