@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -18,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from .config import Settings
 from .errors import TokenrelayError
-from .logs import request_id
+from .logs import request_id, setup_logging
 from .providers import make_provider
 from .routes.info import healthz, info
 from .routes.stream import get_response
@@ -98,3 +99,17 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+CONFIG_FILE_ENV = "TOKENRELAY_CONFIG_FILE"
+
+
+def app_from_env() -> Starlette:
+    """The app built from the environment alone, for process managers that import it:
+    ``serve --workers N`` and ``uvicorn --factory tokenrelay.app:app_from_env``. A TOML file
+    named in ``TOKENRELAY_CONFIG_FILE`` is read as ``--config`` would be."""
+    from .config import load_settings
+
+    settings = load_settings(os.environ.get(CONFIG_FILE_ENV) or None)
+    setup_logging(settings.log_level, json=settings.log_json)
+    return create_app(settings)

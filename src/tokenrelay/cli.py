@@ -14,6 +14,7 @@ Point it at a real model API with the environment (or a TOML file, --config):
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
               help="A TOML file of settings (same names as the TOKENRELAY_* variables, lower case).")
 @click.option("--log-level", default=None, help="critical, error, warning, info or debug.  [default: info]")
 @click.option("--log-json", is_flag=True, default=None, help="Write logs as JSON lines.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes sharing the port (one event loop each); more than one uses more cores.")
 def serve(host: str | None, port: int | None, config: Path | None, log_level: str | None,
-          log_json: bool | None) -> None:
+          log_json: bool | None, workers: int) -> None:
     """Serve the streaming API and the chat page.
 
     \b
@@ -69,13 +72,37 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
 
     settings = _settings(config, host=host, port=port, log_level=log_level, log_json=log_json)
     setup_logging(settings.log_level, json=settings.log_json)
+    label = f" in {workers} processes" if workers > 1 else ""
+    click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/{label}  (upstream: {settings.upstream_label})",
+               err=True)
+    if workers > 1:
+        # Each worker process builds its own app from the environment: pass the flags on.
+        from .app import CONFIG_FILE_ENV
+        from .config import ENV_PREFIX
+
+        for name, value in (("log_level", log_level), ("log_json", log_json)):
+            if value is not None:
+                os.environ[ENV_PREFIX + name.upper()] = str(value).lower()
+        if config is not None:
+            os.environ[CONFIG_FILE_ENV] = str(config.resolve())
+        uvicorn.run("tokenrelay.app:app_from_env", factory=True, workers=workers, host=settings.host,
+                    port=settings.port, log_config=None, timeout_graceful_shutdown=5, **fast_server())
+        return
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=5, **fast_server(),
     ))
-    click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/  (upstream: {settings.upstream_label})",
-               err=True)
     server.run()
+
+
+def fast_server() -> dict[str, str]:
+    """uvloop and httptools when installed (they come with uvicorn[standard]); the pure
+    Python event loop and parser otherwise. Named explicitly so a missing one is visible."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return {"loop": loop, "http": http}
 
 
 @cli.command()
@@ -119,7 +146,8 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
             raise click.BadParameter(exc.message, param_hint="--fault") from None
     setup_logging(log_level)
     click.echo(f"simulator on http://{host}:{port}/v1", err=True)
-    uvicorn.Server(uvicorn.Config(create_sim_app(defaults), host=host, port=port, log_config=None)).run()
+    uvicorn.Server(uvicorn.Config(create_sim_app(defaults), host=host, port=port, log_config=None,
+                                  **fast_server())).run()
 
 
 @cli.command()

@@ -1,0 +1,282 @@
+"""Results: each goal with its figure, the Markdown and JSON files, the chart, the README table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TOKENRELAY = ("tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1")
+OTHERS = ("nginx", "nginx+tokenrelay-sse", "nginx+tokenrelay-v1", "baseline-text", "baseline-v1", "litellm",
+          "portkey")
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _goal(workload: str, goal: str, target: str, result: Any, met: bool | None, unit: str = "",
+          peers: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"workload": workload, "goal": goal, "target": target, "result": result, "unit": unit,
+            "met": met, "peers": {k: v for k, v in (peers or {}).items() if v is not None}}
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every goal of the benchmark, with this run's figure next to it (and the others')."""
+    w = results["workloads"]
+    goals: list[dict[str, Any]] = []
+    if "W0" in w:
+        r = w["W0"]["results"]
+        peers = {n: _get(r, n, "added_ttft_ms", "p50") for n in OTHERS}
+        for name in TOKENRELAY:
+            added = _get(r, name, "added_ttft_ms", "p50")
+            if added is not None:
+                goals.append(_goal("W0", "added median TTFT ≤ 0.5 ms", name, added, added <= 0.5, "ms", peers))
+    if "W1" in w:
+        r = w["W1"]["results"]
+        nginx = _get(r, "nginx", "added_ttft_ms", "p99")
+        peers = {n: _get(r, n, "added_ttft_ms", "p99") for n in OTHERS}
+        gap_peers = {n: _get(r, n, "added_gap_ms", "p99") for n in OTHERS}
+        for name in TOKENRELAY:
+            added = _get(r, name, "added_ttft_ms", "p99")
+            if added is None:
+                continue
+            if nginx is not None:
+                limit = 2 * max(nginx, 0.0)
+                goals.append(_goal("W1", f"added p99 TTFT ≤ 2× nginx's ({limit:.2f} ms)", name, added,
+                                   added <= limit, "ms", peers))
+            gap = _get(r, name, "added_gap_ms", "p99")
+            if gap is not None:
+                goals.append(_goal("W1", "inter-chunk gap p99 within 2 ms of direct", name, gap, abs(gap) <= 2.0,
+                                   "ms", gap_peers))
+    if "W2" in w:
+        r = w["W2"]["results"]
+        concurrencies = [str(c) for c in w["W2"]["params"]["concurrency"]]
+
+        def worst(name: str) -> float | None:
+            ratios = [_get(r, name, c, "ratio_to_direct") for c in concurrencies]
+            ratios = [x for x in ratios if x is not None]
+            return min(ratios) if ratios else None
+
+        peers = {n: worst(n) for n in OTHERS}
+        for name, floor in (("tokenrelay-v1", 0.8), ("tokenrelay-text", 0.5), ("tokenrelay-sse", 0.5)):
+            ratio = worst(name)
+            if ratio is not None:
+                goals.append(_goal("W2", f"tokens/s ≥ {floor}× direct at every concurrency (lowest shown)", name,
+                                   ratio, ratio >= floor, "× direct", peers))
+    if "W3" in w:
+        r = w["W3"]["results"]
+        streams = w["W3"]["params"]["streams"]
+        for name, f in r.items():
+            held = f["completed"] == streams and f["stalled_streams"] == 0
+            goals.append(_goal("W3", f"{streams} streams held, none stalled", name,
+                               f"{f['completed']}/{streams} completed, {f['stalled_streams']} stalled", held))
+            goals.append(_goal("W3", "≤ 30 KB relay memory per open stream", name, f["kb_per_stream"],
+                               f["kb_per_stream"] <= 30, "KB"))
+    if "W4" in w:
+        for name, f in w["W4"]["results"].items():
+            bounded = f["upstream_paced"] and f["kb_per_slow_stream"] <= 256
+            goals.append(_goal("W4", f"{f['readers']} slow readers: upstream paced, relay memory ≤ 256 KB each",
+                               name, f"+{f['kb_per_slow_stream']} KB per stream, upstream finished "
+                                     f"{f['upstream_finished']}", bounded))
+    if "W5" in w:
+        p = w["W5"]["params"]
+        scaling = w["W5"]["scaling"]
+        enough = (p["cores"] or 1) >= p["workers"] + 2  # load generator and simulator need cores too
+        goals.append(_goal("W5", f"--workers {p['workers']}: W2 ≥ 1.6× one worker where the cores allow",
+                           "tokenrelay-text", scaling, (scaling or 0) >= 1.6 if enough else None, "×",
+                           {"cores": p["cores"]}))
+    return goals
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def write_all(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    chart(results, paths["png"])
+    paths["md"].write_text(markdown(results, chart_name=paths["png"].name))
+    return paths
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _met(met: bool | None) -> str:
+    return {True: "✅ met", False: "❌ not met", None: "n/a"}[met]
+
+
+def goals_table(results: dict[str, Any]) -> str:
+    lines = ["| workload | goal | route | result | | others in the same run |", "|---|---|---|---|---|---|"]
+    for g in results.get("goals", []):
+        peers = ", ".join(f"{k} {_fmt(v)}" for k, v in g["peers"].items())
+        result = f"{_fmt(g['result'])} {g['unit']}".strip()
+        lines.append(f"| {g['workload']} | {g['goal']} | {g['target']} | {result} | {_met(g['met'])} | {peers} |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], *, chart_name: str) -> str:
+    m = results["machine"]
+    w = results["workloads"]
+    out = [
+        f"# Benchmark run {results['date']} ({results['sizes']})",
+        "",
+        f"Machine: {m['cores']} cores ({m['cpu_model']}), {m['memory_gb']} GB, {m['os']}, Python {m['python']}. "
+        f"{m['note'].capitalize()}: every figure is from one run on this box, and ratios matter more than "
+        "absolute numbers.",
+        f"Load average at start {', '.join(f'{x:.2f}' for x in results['load']['loadavg_start'])}, at end "
+        f"{', '.join(f'{x:.2f}' for x in results['load'].get('loadavg_end', []))}; CPU used by other work on the "
+        "machine during each workload is listed with it.",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        "",
+        "## Goals",
+        "",
+        goals_table(results),
+        "",
+    ]
+    if results.get("notes"):
+        out += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    out += [f"![TTFT and tokens/s against concurrency]({chart_name})", ""]
+    if "W0" in w:
+        out += [f"## W0 sequential per-request overhead ({w['W0']['params']['rounds']} interleaved rounds, "
+                f"{w['W0']['params']['model']}; other load {w['W0']['other_cpu_cores']} cores)", "",
+                "| route | TTFT p50 ms | TTFT p90 ms | added p50 ms | added p90 ms | errors |", "|---|---|---|---|---|---|"]
+        for name, f in w["W0"]["results"].items():
+            out.append(f"| {name} | {_fmt(f['ttft_ms']['p50'], 3)} | {_fmt(f['ttft_ms']['p90'], 3)} | "
+                       f"{_fmt(f['added_ttft_ms']['p50'], 3)} | {_fmt(f['added_ttft_ms']['p90'], 3)} | {f['errors']} |")
+        out.append("")
+    if "W1" in w:
+        p = w["W1"]["params"]
+        out += [f"## W1 latency under load ({p['streams']} concurrent streams × {p['tokens']} tokens × "
+                f"{p['interval_ms']:g} ms, {p['waves']} wave(s), arrivals {p['arrivals']}; "
+                f"other load {w['W1']['other_cpu_cores']} cores)", "",
+                "| route | TTFT p50 ms | TTFT p99 ms | added p99 ms | gap p50 ms | gap p99 ms | gap max ms | "
+                "added gap p99 ms | streams | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, f in w["W1"]["results"].items():
+            out.append(f"| {name} | {_fmt(f['ttft_ms']['p50'])} | {_fmt(f['ttft_ms']['p99'])} | "
+                       f"{_fmt(f['added_ttft_ms']['p99'])} | {_fmt(f['gap_ms']['p50'])} | {_fmt(f['gap_ms']['p99'])} | "
+                       f"{_fmt(f['gap_ms']['max'])} | {_fmt(f['added_gap_ms']['p99'])} | {f['streams']} | {f['errors']} |")
+        out.append("")
+    if "W2" in w:
+        p = w["W2"]["params"]
+        cs = [str(c) for c in p["concurrency"]]
+        out += [f"## W2 throughput ({p['tokens']} tokens per stream, no delay, {p['seconds_each']:g} s at each "
+                f"concurrency; other load {w['W2']['other_cpu_cores']} cores)", "",
+                "tokens/s (ratio to direct) · CPU seconds of the relay per million tokens · simulator CPU %", "",
+                "| route | " + " | ".join(f"c={c}" for c in cs) + " |", "|---|" + "---|" * len(cs)]
+        for name, by_c in w["W2"]["results"].items():
+            cells = []
+            for c in cs:
+                f = by_c[c]
+                cells.append(f"{f['tokens_per_s']:.0f} ({_fmt(f['ratio_to_direct'])}) · {_fmt(f['cpu_s_per_mtok'], 1)} s"
+                             f" · sim {f['sim_cpu_pct']:.0f}%" + (f" · {f['errors']} err" if f["errors"] else ""))
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    if "W3" in w:
+        p = w["W3"]["params"]
+        out += [f"## W3 many open streams ({p['streams']} streams, a token every {p['interval_ms']:g} ms, "
+                f"{p['tokens']} tokens, opened over {p['ramp_s']:g} s; stall = {p['stall']}; "
+                f"other load {w['W3']['other_cpu_cores']} cores)", "",
+                "| route | completed | stalled | max open | gap p99 ms | gap max ms | relay RSS idle → peak MB | "
+                "KB per open stream |", "|---|---|---|---|---|---|---|---|"]
+        for name, f in w["W3"]["results"].items():
+            out.append(f"| {name} | {f['completed']}/{f['streams']} | {f['stalled_streams']} | {f['max_open_streams']} | "
+                       f"{_fmt(f['gap_ms']['p99'])} | {_fmt(f['gap_ms']['max'])} | {f['relay_rss_idle_mb']} → "
+                       f"{f['relay_rss_peak_mb']} | {f['kb_per_stream']} |")
+        out.append("")
+    if "W4" in w:
+        p = w["W4"]["params"]
+        out += [f"## W4 slow readers ({p['readers']} clients reading {p['read']}; the model writes {p['tokens']} "
+                f"tokens with no delay; {p['seconds']:g} s; other load {w['W4']['other_cpu_cores']} cores)", "",
+                "| route | answer KB | tokens read | upstream streams finished | relay RSS idle → peak MB | "
+                "KB per slow stream |", "|---|---|---|---|---|---|"]
+        for name, f in w["W4"]["results"].items():
+            out.append(f"| {name} | {f['answer_kb']} | {f['tokens_read']} | {f['upstream_finished']} | "
+                       f"{f['relay_rss_idle_mb']} → {f['relay_rss_peak_mb']} | {f['kb_per_slow_stream']} |")
+        out.append("")
+    if "W5" in w:
+        p = w["W5"]["params"]
+        out += [f"## W5 --workers scaling ({p['route']}, W2 at c={p['concurrency']}, {p['cores']} cores shared with "
+                f"the load generator and the simulator; other load {w['W5']['other_cpu_cores']} cores)", "",
+                "| workers | processes | tokens/s | relay CPU % | simulator CPU % |", "|---|---|---|---|---|"]
+        for label, f in w["W5"]["results"].items():
+            out.append(f"| {label} | {f['processes']} | {f['tokens_per_s']:.0f} | {f['relay_cpu_pct']} | "
+                       f"{f['sim_cpu_pct']} |")
+        out += ["", f"Scaling: {_fmt(w['W5']['scaling'])}×.", ""]
+    out += ["## Commands", ""] + [f"- {name}: `{cmd}`" for name, cmd in results["commands"].items()] + [""]
+    return "\n".join(out)
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w2 = results["workloads"].get("W2")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if w2:
+        cs = w2["params"]["concurrency"]
+        for name, by_c in w2["results"].items():
+            ttft = [by_c[str(c)]["ttft_ms_p50"] for c in cs]
+            tps = [by_c[str(c)]["tokens_per_s"] for c in cs]
+            style = "-" if name.startswith(("tokenrelay", "direct")) else "--"
+            ax1.plot(cs, [t if t is not None else float("nan") for t in ttft], style, marker="o", label=name)
+            ax2.plot(cs, tps, style, marker="o", label=name)
+        for ax in (ax1, ax2):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(cs, [str(c) for c in cs])
+            ax.set_xlabel("concurrent streams")
+            ax.grid(True, alpha=0.3)
+        ax1.set_yscale("log")
+        ax1.set_ylabel("time to first token, median (ms)")
+        ax2.set_ylabel("tokens/s, all streams")
+        ax2.legend(fontsize=7, loc="best")
+        ax1.set_title(f"W2: TTFT ({w2['params']['tokens']} tokens/stream, no delay)", fontsize=9)
+        ax2.set_title("W2: throughput", fontsize=9)
+    fig.suptitle(f"tokenrelay benchmark {results['date'][:10]} — {results['machine']['cores']} cores, "
+                 "one box", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_table(results: dict[str, Any], md_name: str) -> str:
+    """The README's short table: the goals of the latest full run."""
+    return "\n".join([
+        README_START,
+        f"Latest full run ({results['date'][:10]}, {results['machine']['cores']} cores shared by load generator, "
+        f"simulator and relay; details in [bench/results/{md_name}](bench/results/{md_name})):",
+        "",
+        goals_table(results),
+        README_END,
+    ])
+
+
+def update_readme(readme: Path, results: dict[str, Any], md_name: str) -> bool:
+    """Replace the table between the markers; False when the README has no markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    readme.write_text(head + readme_table(results, md_name) + tail)
+    return True

@@ -1,0 +1,534 @@
+"""One benchmark run: start the servers, run W0–W5 against every target, keep every figure.
+
+Targets (what a stream goes through on its way from the simulator to the load generator):
+
+    direct             the simulator itself: the floor
+    tokenrelay-text    tokenrelay, POST /api/get-response, plain text
+    tokenrelay-sse     tokenrelay, POST /api/get-response, Accept: text/event-stream
+    tokenrelay-v1      tokenrelay, POST /v1/chat/completions (when the route exists)
+    nginx              nginx with proxy_buffering off in front of the simulator: the class to aim at
+    nginx+tokenrelay   the shipped deploy/nginx config in front of tokenrelay (when it exists)
+    baseline-text      the original design's route (Starlette + httpx), decoding every delta
+    baseline-v1        the same, passing /v1 bytes through
+    litellm, portkey   the gateways users would pick instead (--peers)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from . import loadgen, nginx, peers
+from .loadgen import OPENAI, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile, run_streams, summarize
+from .procs import ROOT, Server, start_baseline, start_sim, start_tokenrelay
+from .sizes import Sizes
+
+QUESTION = "How does a relay stream an answer without holding it back?"
+WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5")
+
+
+def make_ask(*, ttft: float, tps: float, tokens: int, question: str = QUESTION) -> Ask:
+    """The simulator options for a stream, and the answer it must produce."""
+    from tokenrelay.providers.simulator import SimOptions, answer_tokens
+    from tokenrelay.schemas import ChatRequest
+
+    model = f"sim:ttft={ttft:g},tps={tps:g},tokens={tokens}"
+    request = ChatRequest.model_validate({"messages": [{"role": "user", "content": question}], "model": model})
+    words = answer_tokens(request, SimOptions().with_model(model))
+    return Ask(model=model, question=question, tokens=len(words), text_bytes=len("".join(words).encode()))
+
+
+class MachineMeter:
+    """CPU the machine spent on other things than this run (other users' work), in cores."""
+
+    def __init__(self, servers: Callable[[], list[Server]]) -> None:
+        self.servers = servers
+        self._me = psutil.Process()
+
+    def snapshot(self) -> tuple[float, float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+        mine = sum(s.cpu_seconds() for s in self.servers())
+        c = self._me.cpu_times()
+        mine += c.user + c.system
+        return time.monotonic(), busy, mine
+
+    @staticmethod
+    def others(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+        elapsed = after[0] - before[0]
+        if elapsed <= 0:
+            return 0.0
+        return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / elapsed)
+
+
+@dataclass
+class Bench:
+    sizes: Sizes
+    out_dir: Path
+    log_dir: Path
+    with_peers: bool = False
+    only: tuple[str, ...] = WORKLOADS
+    log: Callable[[str], None] = print
+    servers: dict[str, Server] = field(default_factory=dict)
+    targets: dict[str, Target] = field(default_factory=dict)
+    relay_of: dict[str, str] = field(default_factory=dict)  # target → the server whose CPU/memory it costs
+    results: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # --- set-up ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        raise_fd_limit(self.log)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        sim = start_sim(self.log_dir)
+        sim.wait_ready()
+        self.servers["sim"] = sim
+        upstream = sim.url + "/v1"
+        pending = [start_tokenrelay(self.log_dir, upstream), start_baseline(self.log_dir, upstream)]
+        if nginx.available():
+            pending.append(nginx.start_proxy(self.log_dir, upstream=sim.url, name="nginx"))
+        for server in pending:
+            self.servers[server.name] = server.wait_ready()
+        tr = self.servers["tokenrelay"]
+        if nginx.shipped_config() is not None and nginx.available():
+            self.servers["nginx+tokenrelay"] = nginx.start_shipped(self.log_dir, relay_url=tr.url).wait_ready()
+
+        self._add("direct", sim.url, OPENAI, "sim")
+        self._add("tokenrelay-text", tr.url, TEXT, "tokenrelay")
+        self._add("tokenrelay-sse", tr.url, TR_SSE, "tokenrelay")
+        if has_v1(tr.url):
+            self._add("tokenrelay-v1", tr.url, OPENAI, "tokenrelay")
+        else:
+            self.notes.append("tokenrelay has no /v1/chat/completions route in this build: tokenrelay-v1 not measured")
+        if "nginx" in self.servers:
+            self._add("nginx", self.servers["nginx"].url, OPENAI, "nginx")
+        else:
+            self.notes.append("nginx not installed: the nginx targets were not measured")
+        if "nginx+tokenrelay" in self.servers:
+            front = self.servers["nginx+tokenrelay"]
+            self._add("nginx+tokenrelay-sse", front.url, TR_SSE, "tokenrelay")
+            if "tokenrelay-v1" in self.targets:
+                self._add("nginx+tokenrelay-v1", front.url, OPENAI, "tokenrelay")
+        elif nginx.shipped_config() is None:
+            self.notes.append("no shipped nginx config (deploy/nginx/tokenrelay.conf): nginx+tokenrelay not measured")
+        base = self.servers["baseline"]
+        self._add("baseline-text", base.url, TEXT, "baseline")
+        self._add("baseline-v1", base.url, OPENAI, "baseline")
+        if self.with_peers:
+            for server, target in peers.start_all(self.log_dir, upstream=upstream, log=self.log, notes=self.notes):
+                self.servers[server.name] = server
+                self.targets[target.name] = target
+                self.relay_of[target.name] = server.name
+
+    def _add(self, name: str, url: str, wire: loadgen.Wire, server: str) -> None:
+        self.targets[name] = Target(name, url, wire)
+        self.relay_of[name] = server
+
+    def stop(self) -> None:
+        for server in reversed(list(self.servers.values())):
+            server.stop()
+
+    # --- the run --------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        meter = MachineMeter(lambda: list(self.servers.values()))
+        self.results = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sizes": self.sizes.name,
+            "machine": machine(),
+            "versions": versions(self.servers),
+            "commands": {name: s.command() for name, s in self.servers.items()},
+            "targets": {name: {"url": t.url + t.wire.path, "wire": t.wire.name, "server": self.relay_of[name]}
+                        for name, t in self.targets.items()},
+            "workloads": {},
+            "load": {"loadavg_start": list(os.getloadavg())},
+            "notes": self.notes,
+        }
+        await self._warm_up()
+        steps = {"W0": self.w0, "W1": self.w1, "W2": self.w2, "W3": self.w3, "W4": self.w4, "W5": self.w5}
+        for name in self.only:
+            self.log(f"{name} …")
+            before = meter.snapshot()
+            started = time.monotonic()
+            figures = await steps[name]()
+            figures["seconds"] = round(time.monotonic() - started, 1)
+            figures["other_cpu_cores"] = round(MachineMeter.others(before, meter.snapshot()), 2)
+            self.results["workloads"][name] = figures
+            self.log(f"{name} done in {figures['seconds']} s (other load on the machine: "
+                     f"{figures['other_cpu_cores']} cores)")
+        self.results["load"]["loadavg_end"] = list(os.getloadavg())
+        from .report import check_targets
+
+        self.results["goals"] = check_targets(self.results)
+        return self.results
+
+    async def _warm_up(self) -> None:
+        ask = make_ask(ttft=0, tps=0, tokens=20)
+        async with make_session() as session:
+            for target in self.targets.values():
+                for _ in range(3):
+                    result = await one_stream(session, target, ask)
+                    if not result.ok:
+                        raise RuntimeError(f"{target.name} does not stream: {result.error}")
+
+    def _relays(self) -> list[str]:
+        return [n for n in self.targets if n != "direct"]
+
+    # W0: sequential per-request overhead, interleaved rounds -----------------------------
+
+    async def w0(self) -> dict[str, Any]:
+        s = self.sizes
+        ask = make_ask(ttft=0, tps=0, tokens=s.w0_tokens)
+        names = list(self.targets)
+        ttft: dict[str, list[float]] = {n: [] for n in names}
+        errors: dict[str, int] = {n: 0 for n in names}
+        sessions = {n: make_session() for n in names}
+        try:
+            for r in range(s.w0_rounds):
+                # Rotate the order so no target always runs right after another.
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order:
+                    result = await one_stream(sessions[name], self.targets[name], ask, keep_gaps=False)
+                    if result.ok and result.ttft is not None:
+                        ttft[name].append(result.ttft)
+                    else:
+                        errors[name] += 1
+        finally:
+            for session in sessions.values():
+                await session.close()
+        direct_med = statistics.median(ttft["direct"])
+        direct_p90 = percentile(ttft["direct"], 90) or 0.0
+        out: dict[str, Any] = {}
+        for name in names:
+            med = statistics.median(ttft[name]) if ttft[name] else None
+            p90 = percentile(ttft[name], 90)
+            out[name] = {
+                "requests": len(ttft[name]) + errors[name],
+                "errors": errors[name],
+                "ttft_ms": {"p50": ms(med), "p90": ms(p90)},
+                "added_ttft_ms": {"p50": ms(med - direct_med) if med is not None else None,
+                                  "p90": ms(p90 - direct_p90) if p90 is not None else None},
+            }
+        return {"params": {"rounds": s.w0_rounds, "model": ask.model, "order": "interleaved, rotating"},
+                "results": out}
+
+    # W1: latency under load --------------------------------------------------------------
+
+    async def w1(self) -> dict[str, Any]:
+        s = self.sizes
+        ask = make_ask(ttft=0, tps=1 / s.w1_interval, tokens=s.w1_tokens)
+        stagger = min(1.0, s.w1_tokens * s.w1_interval) / s.w1_streams  # arrivals spread over (up to) a second
+        out: dict[str, Any] = {}
+        for name, target in self.targets.items():
+            run = await run_streams(target, ask, concurrency=s.w1_streams, per_worker=s.w1_waves,
+                                    stagger=stagger, deadline=s.w1_tokens * s.w1_interval * s.w1_waves * 4 + 30)
+            out[name] = summarize(run)
+            self.log(f"  W1 {name}: ttft p99 {out[name]['ttft_ms']['p99']} ms, gap p99 {out[name]['gap_ms']['p99']} ms,"
+                     f" errors {out[name]['errors']}")
+        direct = out["direct"]
+        for name, figures in out.items():
+            figures["added_ttft_ms"] = {
+                k: _sub(figures["ttft_ms"][k], direct["ttft_ms"][k]) for k in ("p50", "p99")}
+            figures["added_gap_ms"] = {k: _sub(figures["gap_ms"][k], direct["gap_ms"][k]) for k in ("p50", "p99")}
+        return {"params": {"streams": s.w1_streams, "waves": s.w1_waves, "tokens": s.w1_tokens,
+                           "interval_ms": s.w1_interval * 1000, "arrivals": "spread over 1 s", "model": ask.model},
+                "results": out}
+
+    # W2: throughput ----------------------------------------------------------------------
+
+    async def _throughput(self, target: Target, server: Server, ask: Ask, concurrency: int,
+                          seconds: float) -> dict[str, Any]:
+        sim = self.servers["sim"]
+        cpu0, sim0 = server.cpu_seconds(), sim.cpu_seconds()
+        run = await run_streams(target, ask, concurrency=concurrency, per_worker=10**9, deadline=seconds,
+                                keep_gaps=False)
+        cpu, sim_cpu = server.cpu_seconds() - cpu0, sim.cpu_seconds() - sim0
+        figures = summarize(run)
+        return {
+            "tokens_per_s": figures["tokens_per_s"],
+            "tokens": figures["tokens"],
+            "seconds": figures["elapsed_s"],
+            "completed_streams": figures["completed"],
+            "errors": figures["errors"],
+            "error_examples": figures["error_examples"],
+            "ttft_ms_p50": figures["ttft_ms"]["p50"],
+            "ttft_ms_p99": figures["ttft_ms"]["p99"],
+            "cpu_s_per_mtok": round(cpu / run.tokens * 1e6, 2) if run.tokens else None,
+            "relay_cpu_pct": round(cpu / run.elapsed * 100, 1),
+            "sim_cpu_pct": round(sim_cpu / run.elapsed * 100, 1),
+        }
+
+    async def w2(self) -> dict[str, Any]:
+        s = self.sizes
+        ask = make_ask(ttft=0, tps=0, tokens=s.w2_tokens)
+        out: dict[str, Any] = {}
+        for name, target in self.targets.items():
+            server = self.servers[self.relay_of[name]]
+            out[name] = {}
+            for c in s.w2_concurrency:
+                out[name][str(c)] = await self._throughput(target, server, ask, c, s.w2_seconds)
+                self.log(f"  W2 {name} c={c}: {out[name][str(c)]['tokens_per_s']:.0f} tokens/s")
+        for name, by_c in out.items():
+            for c, figures in by_c.items():
+                base = out["direct"][c]["tokens_per_s"]
+                figures["ratio_to_direct"] = round(figures["tokens_per_s"] / base, 3) if base else None
+        return {"params": {"tokens": s.w2_tokens, "concurrency": list(s.w2_concurrency),
+                           "seconds_each": s.w2_seconds, "model": ask.model,
+                           "note": "tokens/s over a fixed window; streams open at its end are cut off"},
+                "results": out}
+
+    # W3: many open streams ---------------------------------------------------------------
+
+    async def w3(self) -> dict[str, Any]:
+        s = self.sizes
+        tokens = max(1, round(s.w3_seconds / s.w3_interval))
+        ask = make_ask(ttft=0, tps=1 / s.w3_interval, tokens=tokens)
+        out: dict[str, Any] = {}
+        for name in [n for n in ("tokenrelay-sse", "tokenrelay-v1") if n in self.targets]:
+            server = self.servers[self.relay_of[name]]
+            out[name] = await self._many_streams(self.targets[name], server, ask)
+            self.log(f"  W3 {name}: {out[name]['kb_per_stream']} KB/stream, stalled {out[name]['stalled_streams']},"
+                     f" completed {out[name]['completed']}/{out[name]['streams']}")
+        return {"params": {"streams": s.w3_streams, "interval_ms": s.w3_interval * 1000, "tokens": tokens,
+                           "ramp_s": s.w3_ramp, "stall": f"a gap over {3 * s.w3_interval:g} s", "model": ask.model},
+                "results": out}
+
+    async def _many_streams(self, target: Target, server: Server, ask: Ask) -> dict[str, Any]:
+        s = self.sizes
+        idle = server.rss()
+        peak = idle
+        open_at_peak = 0
+        samples: list[tuple[float, int, int]] = []
+        t0 = time.perf_counter()
+
+        async def sample() -> None:
+            nonlocal peak, open_at_peak
+            while True:
+                await asyncio.sleep(0.25)
+                rss = server.rss()
+                opened = sum(1 for r in results_ref if r.ttft is not None and r.total is None and r.error is None)
+                samples.append((round(time.perf_counter() - t0, 2), rss, opened))
+                if rss > peak:
+                    peak = rss
+                    open_at_peak = opened
+
+        results_ref: list[loadgen.StreamResult] = []
+        session = make_session(timeout=s.w3_seconds * 4 + 60)
+        try:
+            run = await _tracked_run(target, ask, s.w3_streams, s.w3_ramp / s.w3_streams,
+                                     s.w3_seconds * 3 + s.w3_ramp + 30, session, results_ref, sample)
+        finally:
+            await session.close()
+        stall_limit = 3 * s.w3_interval
+        stalled = [r for r in run.streams if r.gaps and max(r.gaps) > stall_limit]
+        ok = sum(1 for r in run.streams if r.ok)
+        max_open = max((o for _, _, o in samples), default=0)
+        growth = max(0, peak - idle)
+        errors = sorted({r.error for r in run.streams if r.error})[:3]
+        return {
+            "streams": len(run.streams),
+            "completed": ok,
+            "errors": len(run.streams) - ok,
+            "error_examples": errors,
+            "max_open_streams": max_open,
+            "stalled_streams": len(stalled),
+            "gap_ms": {"p50": ms(percentile([g for r in run.streams for g in r.gaps], 50)),
+                       "p99": ms(percentile([g for r in run.streams for g in r.gaps], 99)),
+                       "max": ms(max((max(r.gaps) for r in run.streams if r.gaps), default=None))},
+            "ttft_ms": {"p50": ms(percentile([r.ttft for r in run.streams if r.ttft], 50)),
+                        "max": ms(max((r.ttft for r in run.streams if r.ttft), default=None))},
+            "relay_rss_idle_mb": round(idle / 2**20, 1),
+            "relay_rss_peak_mb": round(peak / 2**20, 1),
+            "open_at_peak": open_at_peak,
+            "kb_per_stream": round(growth / 1024 / max(open_at_peak, 1), 1),
+            "rss_samples": [(t, round(r / 2**20, 1), o) for t, r, o in samples[:: max(1, len(samples) // 40)]],
+        }
+
+    # W4: slow readers ----------------------------------------------------------------------
+
+    async def w4(self) -> dict[str, Any]:
+        s = self.sizes
+        ask = make_ask(ttft=0, tps=0, tokens=s.w4_tokens)
+        out: dict[str, Any] = {}
+        for name in [n for n in ("tokenrelay-sse", "tokenrelay-text") if n in self.targets]:
+            server = self.servers[self.relay_of[name]]
+            out[name] = await self._slow_readers(self.targets[name], server, ask)
+            self.log(f"  W4 {name}: relay +{out[name]['relay_rss_growth_mb']} MB for {s.w4_readers} slow readers,"
+                     f" upstream finished {out[name]['upstream_finished']}")
+        return {"params": {"readers": s.w4_readers, "tokens": s.w4_tokens, "model": ask.model,
+                           "read": f"{s.w4_read_bytes} bytes every {s.w4_read_pause * 1000:g} ms, 4 KiB receive buffer",
+                           "seconds": s.w4_seconds},
+                "results": out}
+
+    async def _slow_readers(self, target: Target, server: Server, ask: Ask) -> dict[str, Any]:
+        s = self.sizes
+        sim = self.servers["sim"]
+        sim_before = await sim_stats(sim)
+        idle = server.rss()
+        peak = idle
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                await asyncio.sleep(0.2)
+                peak = max(peak, server.rss())
+
+        session = make_session(rcvbuf=4096)
+        try:
+            run = await run_streams(target, ask, concurrency=s.w4_readers, per_worker=1, deadline=s.w4_seconds,
+                                    keep_gaps=False, session=session,
+                                    slow_read=(s.w4_read_bytes, s.w4_read_pause), during=sample)
+            # Read the simulator's counters while the slow streams are still open.
+            sim_during = await sim_stats(sim)
+        finally:
+            await session.close()
+        finished = sim_during["completed_streams"] - sim_before["completed_streams"]
+        growth = max(0, peak - idle)
+        rate = s.w4_read_bytes / s.w4_read_pause
+        return {
+            "readers": s.w4_readers,
+            "client_read_bytes_per_s": rate,
+            "tokens_read": run.tokens,
+            "upstream_finished": finished,
+            "upstream_paced": finished == 0,
+            "relay_rss_idle_mb": round(idle / 2**20, 1),
+            "relay_rss_peak_mb": round(peak / 2**20, 1),
+            "relay_rss_growth_mb": round(growth / 2**20, 1),
+            "kb_per_slow_stream": round(growth / 1024 / s.w4_readers, 1),
+            "answer_kb": round(ask.text_bytes / 1024, 1),
+        }
+
+    # W5: --workers scaling -----------------------------------------------------------------
+
+    async def w5(self) -> dict[str, Any]:
+        s = self.sizes
+        ask = make_ask(ttft=0, tps=0, tokens=s.w2_tokens)
+        upstream = self.servers["sim"].url + "/v1"
+        out: dict[str, Any] = {}
+        one = self.servers["tokenrelay"]
+        multi = start_tokenrelay(self.log_dir, upstream, workers=s.w5_workers, name=f"tokenrelay-w{s.w5_workers}")
+        try:
+            multi.wait_ready()
+            self.results["commands"][multi.name] = multi.command()
+            for label, server in (("1", one), (str(s.w5_workers), multi)):
+                target = Target(f"tokenrelay-text-w{label}", server.url, TEXT)
+                await run_streams(target, make_ask(ttft=0, tps=0, tokens=20), concurrency=8, per_worker=4)
+                out[label] = await self._throughput(target, server, ask, s.w5_concurrency, s.w5_seconds)
+                out[label]["processes"] = len(server.pids())
+                self.log(f"  W5 workers={label}: {out[label]['tokens_per_s']:.0f} tokens/s")
+        finally:
+            multi.stop()
+        base = out["1"]["tokens_per_s"]
+        scaling = round(out[str(s.w5_workers)]["tokens_per_s"] / base, 3) if base else None
+        return {"params": {"workers": s.w5_workers, "concurrency": s.w5_concurrency, "tokens": s.w2_tokens,
+                           "route": "tokenrelay-text", "cores": os.cpu_count(), "seconds_each": s.w5_seconds},
+                "results": out, "scaling": scaling}
+
+
+async def _tracked_run(target: Target, ask: Ask, streams: int, stagger: float, deadline: float,
+                       session: aiohttp.ClientSession, results_ref: list[loadgen.StreamResult],
+                       during: Callable[[], Any]) -> loadgen.RunResult:
+    """W3's run: one stream per worker, every result visible while it runs, so the sampler
+    can count the streams open right now."""
+    slots = [loadgen.StreamResult() for _ in range(streams)]
+    results_ref.extend(slots)
+
+    async def worker(i: int) -> None:
+        await asyncio.sleep(i * stagger)
+        await one_stream(session, target, ask, result=slots[i])
+
+    start = time.perf_counter()
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(streams)]
+    side = asyncio.ensure_future(during())
+    _, pending = await asyncio.wait(tasks, timeout=deadline)
+    elapsed = time.perf_counter() - start
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    side.cancel()
+    await asyncio.gather(side, return_exceptions=True)
+    return loadgen.RunResult(streams=slots, elapsed=elapsed, tokens=sum(s.tokens for s in slots))
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+async def sim_stats(sim: Server) -> dict[str, int]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(sim.url + "/sim/stats") as resp:
+            return dict(await resp.json())
+
+
+def has_v1(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/models")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status == 200
+    except urllib.error.HTTPError:
+        return False
+    except OSError:
+        return False
+
+
+def raise_fd_limit(log: Callable[[str], None]) -> int:
+    """W3 holds thousands of sockets in each process; children inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
+
+
+def machine() -> dict[str, Any]:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "note": "load generator, simulator and relay share these cores",
+    }
+
+
+def versions(servers: dict[str, Server]) -> dict[str, str]:
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for dist in ("tokenrelay", "uvicorn", "starlette", "httpx", "httpcore", "h11", "aiohttp", "uvloop", "httptools",
+                 "orjson", "anyio"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    nginx_version = nginx.version()
+    if nginx_version:
+        out["nginx"] = nginx_version
+    out.update(peers.versions())
+    return out
+
+
+__all__ = ["Bench", "WORKLOADS", "ROOT"]
