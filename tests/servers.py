@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,8 @@ class SimServer(Process):
 class RelayServer(Process):
     def __init__(self, *, log_dir: Path, upstream: str | None, env: dict[str, str] | None = None) -> None:
         port = free_port()
-        full_env = {"TOKENRELAY_MODEL": "sim"}
+        # Each relay keeps its jobs in a directory of its own, unless a test shares one.
+        full_env = {"TOKENRELAY_MODEL": "sim", "TOKENRELAY_DATA_DIR": tempfile.mkdtemp(prefix="tokenrelay-data-")}
         if upstream:
             full_env["TOKENRELAY_UPSTREAM_URL"] = upstream
         full_env.update(env or {})

@@ -22,6 +22,7 @@ from .errors import TokenrelayError
 from .logs import request_id, setup_logging
 from .providers import make_provider
 from .routes.info import healthz, info
+from .routes.jobs import create_job, delete_job, get_job, stream_job
 from .routes.stream import get_response
 
 log = logging.getLogger("tokenrelay")
@@ -69,6 +70,30 @@ async def _index(request: Request) -> Response:
     return FileResponse(str(WEB_DIR / "index.html"), headers={"cache-control": "no-cache"})
 
 
+async def _start_jobs(app: Starlette, settings: Settings) -> Any:
+    """The jobs backend: Redis with TOKENRELAY_REDIS_URL, else SQLite in the data directory.
+    If the data directory is taken, everything else still serves; /api/jobs answers 503."""
+    from .jobs.store import StoreBusy
+
+    try:
+        if settings.redis_url:
+            from .jobs.distributed import RemoteJobs
+
+            jobs: Any = RemoteJobs(settings)
+            log.info("jobs: on the Redis queue at %s, run by 'tokenrelay worker'", jobs.label)
+        else:
+            from .jobs.local import LocalJobs
+
+            jobs = LocalJobs(settings, app.state.provider)
+            log.info("jobs: kept in %s", jobs.store.path)
+        await jobs.start()
+    except StoreBusy as exc:
+        app.state.jobs_unavailable = f"jobs are not available: {exc}"
+        log.warning("%s", app.state.jobs_unavailable)
+        return None
+    return jobs
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -80,15 +105,22 @@ def create_app(settings: Settings) -> Starlette:
             )
         else:
             log.info("upstream: %s (default model: %s)", settings.upstream_label, settings.default_model or "none")
+        app.state.jobs = await _start_jobs(app, settings)
         try:
             yield
         finally:
+            if app.state.jobs is not None:
+                await app.state.jobs.aclose()
             await app.state.provider.aclose()
 
     routes = [
         Route("/", _index, methods=["GET"]),
         Route("/api/get-response", get_response, methods=["POST"]),
         Route("/api/info", info, methods=["GET"]),
+        Route("/api/jobs", create_job, methods=["POST"]),
+        Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
+        Route("/api/jobs/{job_id}/stream", stream_job, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static"),
     ]

@@ -8,6 +8,7 @@ names the setting.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,29 @@ class Settings(BaseSettings):
     sim_tokens: int = Field(default=80, ge=0, description="Simulated answer length in tokens.")
     sim_seed: int = Field(default=0, description="Seed; the same seed gives the same answer.")
 
+    # --- jobs and webhooks (docs/jobs.md) ---
+    data_dir: Path = Field(
+        default_factory=lambda: default_data_dir(),
+        description="Where jobs and pending webhooks are kept (SQLite). Default: $XDG_DATA_HOME/tokenrelay.",
+    )
+    redis_url: str | None = Field(
+        default=None, description="Run jobs on a Redis task queue, executed by 'tokenrelay worker' processes."
+    )
+    job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
+    job_heartbeat: int = Field(
+        default=10, gt=0, description="Seconds without a worker's heartbeat before its job is run again."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks signing secret (whsec_…); required for jobs with a webhook_url."
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one delivery attempt may take.")
+    webhook_max_attempts: int = Field(default=8, gt=0, description="Delivery attempts before a webhook fails.")
+    webhook_backoff: float = Field(default=2.0, ge=0, description="Seconds before the first retry; doubles each time.")
+    webhook_backoff_max: float = Field(default=900.0, ge=0, description="Longest wait between two attempts (s).")
+    webhook_allow_private: bool = Field(
+        default=False, description="Deliver to private, loopback and link-local addresses too."
+    )
+
     # --- logs ---
     log_level: str = "info"
     log_json: bool = False
@@ -81,6 +105,28 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
         return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis:// (or rediss://, unix://) URL")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        from standardwebhooks.webhooks import Webhook
+
+        try:
+            Webhook(value.get_secret_value())
+        except Exception:
+            raise ValueError("must be a Standard Webhooks secret: 'whsec_' and base64") from None
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -117,6 +163,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokenrelay"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

@@ -7,6 +7,8 @@
     │   ├── PayloadTooLarge         413 payload_too_large
     │   └── ValidationFailed        422 validation_error
     ├── NotFound                    404 not_found
+    ├── Conflict                    409 conflict
+    ├── ServiceUnavailable          503 unavailable
     └── UpstreamError               502 upstream_error
         ├── UpstreamRejected        400 upstream_rejected_request (upstream 4xx but 401/403/429)
         ├── UpstreamRateLimited     429 upstream_rate_limited
@@ -67,6 +69,16 @@ class ValidationFailed(BadRequest):
 class NotFound(TokenrelayError):
     status = 404
     type = "not_found"
+
+
+class Conflict(TokenrelayError):
+    status = 409
+    type = "conflict"
+
+
+class ServiceUnavailable(TokenrelayError):
+    status = 503
+    type = "unavailable"
 
 
 class UpstreamError(TokenrelayError):

@@ -1,0 +1,220 @@
+"""Webhooks: check the URL, sign per Standard Webhooks, deliver, retry.
+
+Delivery is at-least-once. Every attempt for one job carries the same ``webhook-id`` (chosen
+when the job is created and kept in its record), so a receiver de-duplicates on it; the
+``webhook-timestamp`` and the signature are those of the attempt
+(https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md).
+
+An attempt fails on a network error, a timeout or any status but 2xx (redirects are not
+followed: a 3xx is a failure). Failed attempts are retried after an exponential backoff with
+jitter; each is recorded on the job, and the time of the next one too, so a restarted
+process resumes the schedule instead of starting it over.
+
+The URL is checked at every attempt against the addresses its name resolves to then, and the
+request goes to the address that was checked (the name still in ``Host`` and TLS SNI), so a
+name that resolves to a public address for the check and a private one for the request
+cannot reach inside the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import orjson
+from standardwebhooks.webhooks import Webhook
+
+from ..config import Settings
+from ..errors import ValidationFailed
+from .model import DELIVERED, PENDING, UNDELIVERED, Job, iso, payload
+from .store import JobStore
+
+log = logging.getLogger("tokenrelay.webhooks")
+
+
+class Refused(Exception):
+    """The URL may not be delivered to: a permanent failure, not retried."""
+
+
+def check_url_syntax(url: str) -> str:
+    """Refuse a webhook URL that could never work, when the job is submitted."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationFailed("webhook_url: must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValidationFailed("webhook_url: must not carry credentials")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValidationFailed("webhook_url: the port is not a number from 0 to 65535") from None
+    return url
+
+
+def is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Private, loopback, link-local and the like: not somewhere on the public internet."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+async def resolve(url: str, *, allow_internal: bool) -> str:
+    """The address to connect to for ``url``; ``Refused`` when none may be used."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addresses = [literal]
+    else:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not allow_internal:
+        # Every address must be public: a name with one private address among public ones
+        # could be made to reach the private one.
+        internal = [a for a in addresses if is_internal(a)]
+        if internal:
+            raise Refused(f"{host} resolves to {internal[0]}, a private, loopback or link-local address "
+                          "(allow with TOKENRELAY_WEBHOOK_ALLOW_PRIVATE=true)")
+    return str(addresses[0])
+
+
+def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """``url`` aimed at ``address``: the new URL, the Host header and the TLS server name."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    host_header = parts.netloc.rpartition("@")[2]
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return target, {"host": host_header}, extensions
+
+
+def backoff(attempt: int, *, base: float, cap: float) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (from 1): doubling from
+    ``base``, at most ``cap``, with "equal jitter" (half fixed, half random) so receivers
+    that come back do not get every retry at once."""
+    delay = min(cap, base * 2.0 ** (attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    attempt: int
+    at: str
+    status_code: int | None
+    duration_ms: int
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "at": self.at, "status_code": self.status_code,
+                "duration_ms": self.duration_ms, "error": self.error}
+
+
+class Deliverer:
+    """Sends a job's webhook until it is delivered or the attempts run out."""
+
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        secret = settings.webhook_secret
+        self.signer = Webhook(secret.get_secret_value()) if secret else None
+        self.settings = settings
+        self.store = store
+        self.client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=httpx.Timeout(settings.webhook_timeout),
+            headers={"user-agent": "tokenrelay-webhooks"},
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def headers(self, job: Job, body: bytes) -> dict[str, str]:
+        assert self.signer is not None
+        at = datetime.now(tz=UTC)
+        msg_id = job["webhook"]["id"]
+        return {
+            "content-type": "application/json",
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": self.signer.sign(msg_id, at, body.decode()),
+        }
+
+    async def attempt(self, job: Job, number: int) -> tuple[Attempt, bool]:
+        """One attempt; the record, and whether a failure is permanent."""
+        url = job["webhook"]["url"]
+        body = orjson.dumps(payload(job))
+        started = time.perf_counter()
+        at = iso(time.time())
+        status: int | None = None
+        error: str | None = None
+        permanent = False
+        try:
+            address = await resolve(url, allow_internal=self.settings.webhook_allow_private)
+            target, host, extensions = pinned(url, address)
+            request = self.client.build_request("POST", target, content=body,
+                                                headers={**self.headers(job, body), **host},
+                                                extensions=extensions)
+            response = await self.client.send(request)
+            await response.aclose()
+            status = response.status_code
+            if not 200 <= status < 300:
+                error = f"receiver answered {status}" + (" (redirects are not followed)"
+                                                         if 300 <= status < 400 else "")
+        except Refused as exc:
+            error, permanent = str(exc), True
+        except socket.gaierror as exc:
+            error = f"cannot resolve {urlsplit(url).hostname}: {exc.strerror}"
+        except httpx.TimeoutException:
+            error = f"no answer within {self.settings.webhook_timeout:g} s"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        duration = int((time.perf_counter() - started) * 1000)
+        return Attempt(number, at, status, duration, error), permanent
+
+    async def deliver(self, job: Job) -> Job:
+        """Attempt until delivered or out of attempts, resuming the recorded schedule."""
+        if self.signer is None:
+            log.error("job %s: webhook not sent: TOKENRELAY_WEBHOOK_SECRET is not set", job["id"])
+            updated = await self.store.update(job["id"], webhook={"state": UNDELIVERED})
+            return updated or job
+        settings = self.settings
+        while job["webhook"]["state"] == PENDING:
+            wait = float(job["webhook"]["next_attempt_at"]) - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            number = len(job["deliveries"]) + 1
+            result, permanent = await self.attempt(job, number)
+            if result.ok:
+                changes: dict[str, Any] = {"state": DELIVERED}
+                log.info("job %s: webhook %s delivered (attempt %d, %d)", job["id"], job["webhook"]["id"],
+                         number, result.status_code)
+            elif permanent or number >= settings.webhook_max_attempts:
+                changes = {"state": UNDELIVERED}
+                log.warning("job %s: webhook %s given up after attempt %d: %s", job["id"],
+                            job["webhook"]["id"], number, result.error)
+            else:
+                delay = backoff(number, base=settings.webhook_backoff, cap=settings.webhook_backoff_max)
+                changes = {"next_attempt_at": time.time() + delay}
+                log.info("job %s: webhook attempt %d failed (%s); next in %.2f s", job["id"], number,
+                         result.error, delay)
+            updated = await self.store.update(job["id"], webhook=changes, delivery=result.to_dict())
+            if updated is None:
+                break
+            job = updated
+        return job

@@ -1,0 +1,171 @@
+"""``/api/jobs``: submit a question, get the answer later (poll, follow, or a webhook).
+
+    POST   /api/jobs              chat body + "webhook_url" → 202 {"id","status"}, Location
+    GET    /api/jobs/{id}         the job, its result and every webhook attempt
+    DELETE /api/jobs/{id}         cancel a queued or running job (and its upstream request)
+    GET    /api/jobs/{id}/stream  SSE: what the job has written so far, then live, then
+                                  event: done or event: error
+
+The backend (``app.state.jobs``) is ``LocalJobs`` (SQLite, run in this process) or
+``RemoteJobs`` (Redis, run by ``tokenrelay worker``); both have ``store``, ``submit`` and
+``cancel``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import BadRequest, Conflict, NotFound, ServiceUnavailable, TokenrelayError, ValidationFailed
+from ..jobs.model import new_job, public
+from ..jobs.runner import close
+from ..jobs.store import FollowEvent
+from ..jobs.webhooks import check_url_syntax
+from ..schemas import ChatRequest, parse_model
+from ..streaming import sse
+from .stream import read_json_body
+
+log = logging.getLogger("tokenrelay.jobs")
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+class JobRequest(ChatRequest):
+    webhook_url: str | None = Field(default=None, min_length=1, max_length=2048)
+
+
+class WebhooksNotConfigured(BadRequest):
+    type = "webhooks_not_configured"
+
+
+class IdempotencyKeyReused(ValidationFailed):
+    # As the IETF Idempotency-Key draft advises: 422 for a key reused with another body.
+    type = "idempotency_key_reused"
+
+
+def _jobs(request: Request) -> Any:
+    jobs = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        reason = getattr(request.app.state, "jobs_unavailable", "jobs are not available")
+        raise ServiceUnavailable(reason)
+    return jobs
+
+
+async def create_job(request: Request) -> Response:
+    jobs = _jobs(request)
+    settings = request.app.state.settings
+    body = parse_model(JobRequest, await read_json_body(request, settings.max_body_bytes))
+    model = body.model or settings.default_model
+    if model is None:
+        raise ValidationFailed("model: required, since no default model is set (TOKENRELAY_MODEL)")
+    if body.webhook_url is not None:
+        check_url_syntax(body.webhook_url)
+        if settings.webhook_secret is None:
+            raise WebhooksNotConfigured(
+                "this service cannot sign webhooks: set TOKENRELAY_WEBHOOK_SECRET (whsec_…) on the server, "
+                "or submit the job without webhook_url and poll GET /api/jobs/{id}"
+            )
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise ValidationFailed(f"Idempotency-Key: must be 1 to {IDEMPOTENCY_KEY_MAX} characters")
+    chat = ChatRequest.model_validate(body.model_dump(exclude={"webhook_url"})).model_dump(exclude={"stream"})
+    body_hash = hashlib.sha256(orjson.dumps({"request": chat, "model": model, "webhook_url": body.webhook_url},
+                                            option=orjson.OPT_SORT_KEYS)).hexdigest()
+    job, created = await jobs.submit(new_job(request=chat, model=model, webhook_url=body.webhook_url,
+                                             idempotency_key=key, body_hash=body_hash))
+    if not created and job["body_hash"] != body_hash:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was used for job {job['id']} with another body; use a new key for a new job"
+        )
+    headers = {"location": f"/api/jobs/{job['id']}"}
+    if not created:
+        headers["idempotent-replayed"] = "true"
+    return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202, headers=headers)
+
+
+async def _get(request: Request) -> tuple[Any, dict[str, Any]]:
+    jobs = _jobs(request)
+    job_id = request.path_params["job_id"]
+    job = await jobs.store.get(job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}")
+    return jobs, job
+
+
+async def get_job(request: Request) -> Response:
+    _, job = await _get(request)
+    return JSONResponse(public(job))
+
+
+async def delete_job(request: Request) -> Response:
+    jobs, job = await _get(request)
+    cancelled = await jobs.cancel(job["id"])
+    if cancelled is None:
+        job = await jobs.store.get(job["id"]) or job
+        raise Conflict(f"job {job['id']} has already {job['status']}; only queued or running jobs can be cancelled")
+    return JSONResponse(public(cancelled))
+
+
+async def stream_job(request: Request) -> Response:
+    jobs, job = await _get(request)
+    heartbeat = request.app.state.settings.heartbeat_interval
+    return StreamingResponse(
+        _sse(jobs.store.follow(job["id"]), job_id=job["id"], model=job["model"], heartbeat=heartbeat),
+        media_type="text/event-stream; charset=utf-8",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _sse(events: AsyncIterator[FollowEvent], *, job_id: str, model: str,
+               heartbeat: float) -> AsyncIterator[bytes]:
+    """The job's events in tokenrelay's SSE format (``streaming.sse``), a ping in silences.
+
+    The follower runs in its own task feeding a queue, so waiting for the next event can
+    time out for a ping without cancelling the follower midway."""
+    queue: asyncio.Queue[FollowEvent | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            try:
+                async for event in events:
+                    queue.put_nowait(event)
+            finally:
+                await close(events)
+        except Exception as exc:  # noqa: BLE001  # e.g. Redis gone: say so in-band, the status is sent
+            log.warning("job %s: following failed: %s", job_id, exc)
+            queue.put_nowait(FollowEvent("error", data=TokenrelayError(f"following the job failed: {exc}").to_dict()))
+        queue.put_nowait(None)
+
+    task = asyncio.create_task(pump())
+    try:
+        yield sse.start(job_id, model)
+        seq = 0
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), heartbeat)
+            except TimeoutError:
+                yield sse.PING
+                continue
+            if event is None:
+                yield sse.error(TokenrelayError("the job's stream ended before the job did"))
+                return
+            if event.kind == "text":
+                seq += 1
+                yield sse.delta(seq, event.text)
+            elif event.kind == "done":
+                data = event.data or {}
+                yield b"event: done\ndata: " + orjson.dumps(data) + b"\n\n"
+                return
+            else:
+                yield b"event: error\ndata: " + orjson.dumps(event.data) + b"\n\n"
+                return
+    finally:
+        task.cancel()
