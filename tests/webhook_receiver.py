@@ -16,9 +16,10 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 @contextmanager
-def running_receiver(secret: str | None = SECRET, *, fail_first: int = 0) -> Iterator[tuple[str, Receiver]]:
+def running_receiver(secret: str | None = SECRET, *, fail_first: int = 0,
+                     receiver: Receiver | None = None) -> Iterator[tuple[str, Receiver]]:
     """A receiver on a free port: its URL and its record of deliveries."""
-    receiver = Receiver(secret, fail_first=fail_first)
+    receiver = receiver or Receiver(secret, fail_first=fail_first)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_listen_app(receiver), host="127.0.0.1", port=port,
                                            log_config=None, lifespan="off"))
