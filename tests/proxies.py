@@ -7,9 +7,11 @@ tests prove the file a user copies::
     with start_nginx(relay.url) as proxy:
         read_stream(proxy.url, chat())
 
-``variant`` derives the badly-behaved nginx setups the tests compare against, from the same
-shipped file (see ``NGINX_VARIANTS``). ``extra`` adds directives to the nginx ``server``
-block, or a line to HAProxy's ``defaults`` section.
+``variant`` derives the badly-behaved setups the tests compare against from the same shipped
+file (``NGINX_VARIANTS``, ``HAPROXY_VARIANTS``). ``read_timeout`` shortens the proxy's wait
+for the app (nginx ``proxy_read_timeout``; Caddy ``response_header_timeout`` and
+``read_timeout``; HAProxy ``timeout server``). ``extra`` adds directives to the nginx
+``server`` block, or a line to HAProxy's ``defaults`` section.
 """
 
 from __future__ import annotations
@@ -235,10 +237,22 @@ def start_caddy(upstream_url: str, *, read_timeout: float | None = None) -> Prox
 
 # --- HAProxy -------------------------------------------------------------------------------
 
-def haproxy_cfg(upstream_url: str, *, port: int, read_timeout: float | None = None,
+def _haproxy_delay(conf: str) -> str:
+    """HAProxy's default: small writes may wait for more data (no ``http-no-delay``)."""
+    return _replace(conf, r"^(\s*)option http-no-delay", r"\1# option http-no-delay", what="option http-no-delay")
+
+
+HAPROXY_VARIANTS: dict[str, Callable[[str], str]] = {
+    "shipped": lambda conf: conf,
+    # tokens arrive in bursts about 200 ms apart
+    "delay": _haproxy_delay,
+}
+
+
+def haproxy_cfg(upstream_url: str, *, port: int, variant: str = "shipped", read_timeout: float | None = None,
                 client_timeout: float | None = None, extra: str = "") -> str:
     """The shipped haproxy.cfg, pointed at ``upstream_url`` and listening on ``port``."""
-    conf = HAPROXY_CFG.read_text()
+    conf = HAPROXY_VARIANTS[variant](HAPROXY_CFG.read_text())
     conf = _replace(conf, r"^(\s*)bind :80\b", rf"\g<1>bind 127.0.0.1:{port}", what="bind :80")
     conf = _replace(conf, r"^(\s*)server app 127\.0\.0\.1:8000\b", rf"\g<1>server app {_host_port(upstream_url)}",
                     what="the upstream address")
@@ -253,13 +267,13 @@ def haproxy_cfg(upstream_url: str, *, port: int, read_timeout: float | None = No
     return conf
 
 
-def start_haproxy(upstream_url: str, *, read_timeout: float | None = None, client_timeout: float | None = None,
-                  extra: str = "") -> Proxy:
+def start_haproxy(upstream_url: str, *, variant: str = "shipped", read_timeout: float | None = None,
+                  client_timeout: float | None = None, extra: str = "") -> Proxy:
     """HAProxy running the shipped haproxy.cfg in front of ``upstream_url``."""
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-haproxy-"))
     port = free_port()
     config_path = workdir / "haproxy.cfg"
-    config_path.write_text(haproxy_cfg(upstream_url, port=port, read_timeout=read_timeout, client_timeout=client_timeout,
-                                       extra=extra))
+    config_path.write_text(haproxy_cfg(upstream_url, port=port, variant=variant, read_timeout=read_timeout,
+                                       client_timeout=client_timeout, extra=extra))
     args = [HAPROXY, "-db", "-f", str(config_path)]
     return Proxy("haproxy", args, port=port, workdir=workdir, config_path=config_path)

@@ -24,6 +24,7 @@ class Arrivals:
     chunks: list[bytes] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     error: Exception | None = None
+    started: float = 0.0  # when the request was sent (perf_counter)
 
     @property
     def body(self) -> bytes:
@@ -40,6 +41,16 @@ class Arrivals:
         raise AssertionError(f"unexpected content-encoding {encoding!r}")
 
     @property
+    def ttfb(self) -> float:
+        """Seconds from sending the request to the first piece of the body."""
+        return self.times[0] - self.started if self.times else float("inf")
+
+    @property
+    def gaps(self) -> list[float]:
+        """Seconds between each piece and the next."""
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+    @property
     def spread(self) -> float:
         """Seconds between the first and the last piece."""
         return self.times[-1] - self.times[0] if self.times else 0.0
@@ -54,8 +65,9 @@ def read_stream(url: str, body: dict[str, Any], *, sse: bool = False, timeout: f
     """POST ``body`` and note when each raw piece arrives (still compressed, if it was)."""
     headers = {**({"accept": "text/event-stream"} if sse else {}), **(headers or {})}
     with httpx.Client(timeout=timeout) as client:
+        started = time.perf_counter()
         with client.stream("POST", url + "/api/get-response", json=body, headers=headers) as response:
-            result = Arrivals(status=response.status_code, headers=response.headers)
+            result = Arrivals(status=response.status_code, headers=response.headers, started=started)
             try:
                 for chunk in response.iter_raw():
                     result.chunks.append(chunk)

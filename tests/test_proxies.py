@@ -9,6 +9,7 @@ compression is the commonest reason a proxy holds a stream back.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 import httpx
 import pytest
@@ -47,9 +48,13 @@ def answer(result: Arrivals) -> str:
 
 
 def assert_streams(result: Arrivals, direct: Arrivals) -> None:
+    """The pieces arrive as they do straight from the app: as many, over the same span, and
+    one by one rather than in bursts (the median gap between two pieces, about 50 ms)."""
     assert len(direct.chunks) >= 15 and direct.spread > 0.6  # the baseline itself streamed
     assert len(result.chunks) >= len(direct.chunks) // 2, f"{len(result.chunks)} pieces"
     assert result.spread > 0.6 * direct.spread, f"spread {result.spread:.2f} s vs {direct.spread:.2f} s direct"
+    gap, direct_gap = statistics.median(result.gaps), statistics.median(direct.gaps)
+    assert gap > 0.5 * direct_gap, f"median gap {gap * 1000:.0f} ms vs {direct_gap * 1000:.0f} ms direct"
     assert answer(result) == answer(direct)
 
 
@@ -135,6 +140,22 @@ def test_two_nginx_in_a_row(inner_variant: str, streams: bool, relay_server: Rel
             assert_streams(result, direct[False])
         else:
             assert_buffered(result, direct[False])
+
+
+# --- HAProxy: small writes wait for more data unless told not to ----------------------
+
+@pytest.mark.parametrize("sse", [False, True], ids=["text", "sse"])
+def test_haproxy_without_no_delay_sends_tokens_in_bursts(
+        sse: bool, relay_server: RelayServer, direct: dict[bool, Arrivals]) -> None:
+    """The control for the shipped ``option http-no-delay``: without it the kernel holds
+    small writes back, and the tokens arrive in bursts some 200 ms apart."""
+    with start_haproxy(relay_server.url, variant="delay") as proxy:
+        assert "# option http-no-delay" in proxy.config()
+        result = ask(proxy, sse=sse)
+        assert answer(result) == answer(direct[sse])
+        with pytest.raises(AssertionError, match="median gap"):
+            assert_streams(result, direct[sse])
+        assert max(result.gaps) > 0.15 and statistics.median(result.gaps) < 0.01
 
 
 # --- a model slower than the proxy's read timeout -----------------------------------------
