@@ -20,9 +20,12 @@ from starlette.staticfiles import StaticFiles
 from .config import Settings
 from .errors import TokenrelayError
 from .logs import request_id, setup_logging
+from .metrics import Metrics, MetricsMiddleware
 from .providers import make_provider
+from .routes.health import Readiness, readyz
 from .routes.info import healthz, info
 from .routes.jobs import create_job, delete_job, get_job, stream_job
+from .routes.probe import probe
 from .routes.stream import get_response
 
 log = logging.getLogger("tokenrelay")
@@ -55,12 +58,14 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 async def _tokenrelay_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TokenrelayError)
     headers = {**exc.headers, "x-request-id": request_id.get()}
+    request.app.state.metrics.count_request(request.url.path, exc.status)
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    request.app.state.metrics.count_request(request.url.path, exc.status_code)
     return JSONResponse(
         {"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers
     )
@@ -113,6 +118,7 @@ def create_app(settings: Settings) -> Starlette:
                 await app.state.jobs.aclose()
             await app.state.provider.aclose()
 
+    metrics = Metrics()
     routes = [
         Route("/", _index, methods=["GET"]),
         Route("/api/get-response", get_response, methods=["POST"]),
@@ -121,7 +127,10 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/stream", stream_job, methods=["GET"]),
+        Route("/api/probe", probe, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
         Mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static"),
     ]
     app = Starlette(
@@ -129,6 +138,9 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
         exception_handlers={TokenrelayError: _tokenrelay_error, HTTPException: _http_error},
     )
+    app.state.metrics = metrics
+    app.state.readiness = Readiness()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
 

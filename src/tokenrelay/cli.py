@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 
 from .config import Settings, SettingsError, load_settings
+from .doctor import PROXIES
 from .logs import setup_logging
 
 
@@ -193,3 +195,49 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     out.flush()
     if verbose:
         click.echo(stats.describe(), err=True)
+
+
+@cli.command()
+@click.argument("url")
+@click.option("--direct", metavar="URL", default=None,
+              help="The app's own address (e.g. http://10.0.0.5:8000), probed as well, to tell whether "
+                   "the buffering is in the proxy.")
+@click.option("--idle", type=click.FloatRange(min=1, max=900), metavar="SECONDS", default=None,
+              help="Also keep a stream silent this long and report whether something cuts it, and when.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--proxy", type=click.Choice(PROXIES), default=None,
+              help="Give the fixes for this proxy instead of the one detected from the headers.")
+@click.option("--ticks", type=click.IntRange(2, 100), default=8, show_default=True,
+              help="Ticks per probe.")
+@click.option("--interval", type=click.FloatRange(0.05, 10), default=0.25, show_default=True,
+              help="Seconds between ticks; raise it on a link whose latency jitters more than that.")
+def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, proxy: str | None, ticks: int,
+           interval: float) -> None:
+    """Check that a deployed tokenrelay streams through whatever is in front of it.
+
+    \b
+      tokenrelay doctor https://chat.example.com/
+      tokenrelay doctor https://chat.example.com/ --direct http://10.0.0.5:8000 --idle 90
+
+    URL is where users reach tokenrelay (a path prefix is fine). doctor asks its probe route
+    (GET /api/probe: timed ticks, no model call, no tokens spent) for a plain-text and an SSE
+    stream, asking as a browser does (compression accepted), and times the raw bytes as they
+    arrive. It reports whether the stream arrives piece by piece (OK) or held back and
+    released together (BUFFERED), the time to first byte, compression, the HTTP version, the
+    hops that the headers name, and for every problem the fix for the proxy it detected
+    (nginx, ingress-nginx, Caddy, HAProxy, Cloudflare, AWS; generic advice otherwise).
+
+    \b
+    Exit status: 0 streams fine, 1 a problem was found, 2 unreachable.
+    """
+    from .doctor import diagnose, render
+
+    if not as_json:
+        extra = f", then {idle:g} s of silence" if idle else ""
+        click.echo(f"probing {url} (about {2 * (ticks - 1) * interval:.0f} s{extra})…", err=True)
+    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval)
+    if as_json:
+        click.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render(report), nl=False)
+    sys.exit(report.exit_code)

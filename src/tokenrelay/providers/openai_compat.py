@@ -43,6 +43,7 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
 class OpenAICompatible:
     def __init__(self, *, base_url: str, api_key: str | None, client: httpx.AsyncClient, label: str) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.models_url = base_url.rstrip("/") + "/models"
         self.label = label
         self._client = client
         self._headers = {
@@ -111,6 +112,22 @@ class OpenAICompatible:
             await response.aclose()
         if not finished:  # some servers omit [DONE]; a finish_reason is as good an ending
             raise UpstreamProtocolError("upstream closed the stream before the answer finished")
+
+    async def check_ready(self, *, timeout: float) -> str | None:
+        """Whether the upstream answers ``GET {base}/models``: None when it does, else why not.
+
+        Any answer but a server error or a refused key counts: a server that lacks the
+        route (404) is up, and a rate limit (429) passes by itself."""
+        headers = {k: v for k, v in self._headers.items() if k == "authorization"}
+        try:
+            response = await self._client.get(self.models_url, headers=headers, timeout=timeout)
+        except httpx.TimeoutException:
+            return f"upstream did not answer GET /models within {timeout:g} s"
+        except httpx.TransportError as exc:
+            return f"cannot reach upstream: {exc or type(exc).__name__}"
+        if response.status_code >= 500 or response.status_code in (401, 403):
+            return f"upstream answered GET /models with {response.status_code}"
+        return None
 
     async def aclose(self) -> None:
         await self._client.aclose()

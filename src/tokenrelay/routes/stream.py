@@ -29,10 +29,16 @@ async def get_response(request: Request) -> RelayResponse:
         stream_id=new_stream_id(),
         model=model,
         mode=pick_mode(request, chat),
+        prompt=last_user_message(chat) if state.settings.log_prompts else None,
     )
     return RelayResponse(
-        provider=state.provider, request=chat, record=record, heartbeat=state.settings.heartbeat_interval
+        provider=state.provider, request=chat, record=record, heartbeat=state.settings.heartbeat_interval,
+        observer=state.metrics,
     )
+
+
+def last_user_message(chat: ChatRequest) -> str:
+    return next((m.content for m in reversed(chat.messages) if m.role == "user"), "")
 
 
 def pick_mode(request: Request, chat: ChatRequest) -> Mode:

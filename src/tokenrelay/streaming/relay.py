@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -63,6 +63,8 @@ class StreamRecord:
     usage: Usage | None = None
     outcome: str = "completed"
     error_type: str | None = None
+    prompt: str | None = None
+    """The last user message, kept only with ``TOKENRELAY_LOG_PROMPTS=true``."""
 
     def note(self, delta: Delta) -> None:
         if delta.finish_reason is not None:
@@ -83,6 +85,14 @@ class StreamRecord:
         return self.usage.completion_tokens if self.usage else self.chunks
 
 
+class StreamObserver(Protocol):
+    """Told when a stream starts and ends (``metrics.Metrics``); never per chunk."""
+
+    def stream_started(self, record: StreamRecord) -> None: ...
+
+    def stream_finished(self, record: StreamRecord) -> None: ...
+
+
 class RelayResponse:
     def __init__(
         self,
@@ -91,8 +101,10 @@ class RelayResponse:
         request: ChatRequest,
         record: StreamRecord,
         heartbeat: float,
+        observer: StreamObserver | None = None,
     ) -> None:
         self.provider = provider
+        self.observer = observer
         self.request = request
         self.record = record
         self.heartbeat = heartbeat
@@ -110,6 +122,8 @@ class RelayResponse:
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if self.observer is not None:
+            self.observer.stream_started(self.record)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
@@ -123,6 +137,8 @@ class RelayResponse:
                 tg.cancel_scope.cancel()
         finally:
             _log_request(self.record)
+            if self.observer is not None:
+                self.observer.stream_finished(self.record)
         if self._abort is not None:
             raise StreamAborted(self._abort.message)
 
@@ -284,20 +300,40 @@ async def send_error(send: Send, exc: TokenrelayError, *, request_id: str | None
 
 
 def _log_request(record: StreamRecord) -> None:
-    now = time.perf_counter()
-    ttft = f"{(record.first_token - record.started) * 1000:.1f}" if record.first_token else "-"
+    """One line per request; with JSON logs the same values are fields of the object."""
+    duration_ms = round((time.perf_counter() - record.started) * 1000, 1)
+    ttft_ms = round((record.first_token - record.started) * 1000, 1) if record.first_token else None
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "route": record.route,
+        "stream_id": record.stream_id,
+        "status": record.status,
+        "mode": record.mode,
+        "model": record.model,
+        "outcome": record.outcome,
+        "ttft_ms": ttft_ms,
+        "chunks": record.chunks,
+        "tokens": record.tokens,
+        "bytes": record.bytes_out,
+        "duration_ms": duration_ms,
+        "error_type": record.error_type,
+    }
+    if record.prompt is not None:
+        fields["prompt"] = record.prompt
     log.info(
-        "%s %s status=%d mode=%s model=%s outcome=%s ttft_ms=%s chunks=%d tokens=%d bytes=%d duration_ms=%.1f%s",
+        "%s %s status=%d mode=%s model=%s outcome=%s ttft_ms=%s chunks=%d tokens=%d bytes=%d duration_ms=%.1f%s%s",
         record.route,
         record.stream_id,
         record.status,
         record.mode,
         record.model,
         record.outcome,
-        ttft,
+        "-" if ttft_ms is None else f"{ttft_ms:.1f}",
         record.chunks,
         record.tokens,
         record.bytes_out,
-        (now - record.started) * 1000,
+        duration_ms,
         f" error={record.error_type}" if record.error_type else "",
+        f" prompt={record.prompt!r}" if record.prompt is not None else "",
+        extra={"fields": fields},
     )

@@ -1,0 +1,136 @@
+"""Prometheus instruments, served at ``GET /metrics``.
+
+One ``Metrics`` per app, each with its own ``CollectorRegistry`` (not the library's global
+one), so several apps in one process keep separate counts.
+
+Nothing here runs per chunk. A stream is observed twice: ``stream_started`` when the
+relay begins (the in-flight gauge) and ``stream_finished`` from its ``StreamRecord`` at
+the end (everything else). Other routes are counted by ``MetricsMiddleware`` from their
+status; ``/api/get-response`` is left to the relay, and to ``count_request`` for errors
+raised before the relay starts, so the stream path gets no wrapped ``send``.
+
+    tokenrelay_requests_total{route,status}          every HTTP request
+    tokenrelay_streams_in_flight{mode}               answers being relayed now
+    tokenrelay_streams_total{mode,outcome}           completed | client_cancelled |
+                                                     upstream_error | failed_midway | rejected
+    tokenrelay_time_to_first_token_seconds{mode}     histogram
+    tokenrelay_stream_duration_seconds{mode}         histogram
+    tokenrelay_tokens_out_total / _bytes_out_total   answer tokens and body bytes sent
+    tokenrelay_upstream_errors_total{type}           by error type (upstream_timeout, …)
+    tokenrelay_client_cancellations_total            clients that left before the end
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from .streaming.relay import StreamRecord
+
+STREAM_ROUTE = "/api/get-response"
+"""Counted by the relay and the error handlers, never by the middleware."""
+
+ROUTES = frozenset({"/", STREAM_ROUTE, "/api/info", "/api/probe", "/healthz", "/readyz", "/metrics"})
+"""Route labels; any other path counts as 'other', so a scan of random URLs cannot grow
+the label set without bound."""
+
+_UPSTREAM_OUTCOMES = frozenset({"upstream_error", "failed_midway"})
+_TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def route_label(path: str) -> str:
+    if path in ROUTES:
+        return path
+    return "/static" if path.startswith("/static/") else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("tokenrelay_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=r)
+        self.in_flight = Gauge("tokenrelay_streams_in_flight", "Answers being relayed now.", ["mode"], registry=r)
+        self.streams = Counter("tokenrelay_streams", "Answers relayed, by how they ended.",
+                               ["mode", "outcome"], registry=r)
+        self.ttft = Histogram("tokenrelay_time_to_first_token_seconds",
+                              "Seconds from the request to the first token sent.", ["mode"],
+                              buckets=_TTFT_BUCKETS, registry=r)
+        self.duration = Histogram("tokenrelay_stream_duration_seconds", "Seconds from the request to the end.",
+                                  ["mode"], buckets=_DURATION_BUCKETS, registry=r)
+        self.tokens_out = Counter("tokenrelay_tokens_out", "Answer tokens sent to clients.", registry=r)
+        self.bytes_out = Counter("tokenrelay_bytes_out", "Answer body bytes sent to clients.", registry=r)
+        self.upstream_errors = Counter("tokenrelay_upstream_errors", "Upstream failures by error type.",
+                                       ["type"], registry=r)
+        self.cancellations = Counter("tokenrelay_client_cancellations",
+                                     "Clients that left before their answer ended.", registry=r)
+
+    # --- the relay's two hooks ---
+
+    def stream_started(self, record: StreamRecord) -> None:
+        self.in_flight.labels(record.mode).inc()
+
+    def stream_finished(self, record: StreamRecord) -> None:
+        mode = record.mode
+        self.in_flight.labels(mode).dec()
+        self.requests.labels(route_label(record.route), str(record.status)).inc()
+        self.streams.labels(mode, record.outcome).inc()
+        if record.first_token is not None:
+            self.ttft.labels(mode).observe(record.first_token - record.started)
+        self.duration.labels(mode).observe(time.perf_counter() - record.started)
+        self.tokens_out.inc(record.tokens)
+        self.bytes_out.inc(record.bytes_out)
+        if record.outcome in _UPSTREAM_OUTCOMES and record.error_type:
+            self.upstream_errors.labels(record.error_type).inc()
+        elif record.outcome == "client_cancelled":
+            self.cancellations.inc()
+
+    # --- requests that never reach the relay ---
+
+    def count_request(self, path: str, status: int) -> None:
+        """An error response from an exception handler; only the stream route is counted
+        here, as the middleware counts the others."""
+        if path == STREAM_ROUTE:
+            self.requests.labels(STREAM_ROUTE, str(status)).inc()
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsMiddleware:
+    """Counts requests by route and status for every route but the stream route (see the
+    module docstring). Plain ASGI."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == STREAM_ROUTE:
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an exception that escapes before the response starts
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(route_label(scope["path"]), str(status)).inc()

@@ -1,0 +1,177 @@
+"""``tokenrelay doctor``, invoked for real against ``tokenrelay serve``: OK when it streams,
+exit 2 when nothing answers, exit 1 when the URL is not tokenrelay; the JSON report's shape;
+and the pieces it decides with (decoding compressed bytes split anywhere, naming the proxy)."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import brotli
+import orjson
+import pytest
+from click.testing import CliRunner
+from servers import RelayServer, free_port
+
+from tokenrelay.cli import cli
+from tokenrelay.doctor import (
+    Probe,
+    Tick,
+    _Decoder,
+    _TickReader,
+    detect_proxy,
+    fixes_for,
+    probe_url,
+)
+
+FAST = ["--ticks", "5", "--interval", "0.2"]
+
+
+def doctor(*args: str):
+    return CliRunner().invoke(cli, ["doctor", *args], catch_exceptions=False)
+
+
+def test_ok_against_tokenrelay_itself(relay_server: RelayServer) -> None:
+    result = doctor(relay_server.url, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "plain text   OK" in result.stdout
+    assert "SSE          OK" in result.stdout
+    assert "5/5 ticks" in result.stdout
+    assert "Result: OK" in result.stdout
+    assert "PROBLEM" not in result.stdout
+
+
+def test_unreachable_exits_2() -> None:
+    result = doctor(f"http://127.0.0.1:{free_port()}/", *FAST)
+    assert result.exit_code == 2
+    assert "UNREACHABLE" in result.stdout
+    assert "Connection refused" in result.stdout
+
+
+def test_a_url_that_is_not_tokenrelay_is_a_problem(relay_server: RelayServer) -> None:
+    result = doctor(relay_server.url + "/static/", *FAST)
+    assert result.exit_code == 1
+    assert "answered 404 without tokenrelay's probe" in result.stdout
+
+
+def test_json_report(relay_server: RelayServer) -> None:
+    result = doctor(relay_server.url, "--json", "--direct", relay_server.url, "--idle", "1", *FAST)
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.stdout)
+    assert report["ok"] is True and report["exit_code"] == 0 and report["reachable"] is True
+    assert report["proxy"]["name"] == "generic"
+    assert report["hops"] == {"server": "uvicorn"}
+    assert [p["mode"] for p in report["probes"]] == ["text", "sse"]
+    for probe in report["probes"] + report["direct"]["probes"]:
+        assert probe["verdict"] == "ok"
+        assert probe["status"] == 200 and probe["http_version"] == "HTTP/1.1"
+        assert probe["ticks_received"] == probe["ticks_expected"] == 5
+        assert 0.6 < probe["arrival_spread_s"] < 1.4
+        assert probe["holdback_s"] < 0.4
+        assert probe["first_byte_s"] < 1
+        assert probe["content_encoding"] is None
+        assert len(probe["arrivals_s"]) == 5
+    assert report["idle"]["cut"] is False and report["idle"]["ticks_received"] == 2
+    assert {f["code"] for f in report["findings"]} == {"idle_ok", "direct_ok"}
+    assert all(f["severity"] == "note" for f in report["findings"])
+
+
+def test_unreachable_json() -> None:
+    result = doctor(f"http://127.0.0.1:{free_port()}/", "--json")
+    assert result.exit_code == 2
+    report = orjson.loads(result.stdout)
+    assert report["reachable"] is False and report["findings"][0]["code"] == "unreachable"
+
+
+def test_help_explains_every_option() -> None:
+    result = CliRunner().invoke(cli, ["doctor", "--help"])
+    assert result.exit_code == 0
+    for option in ("--direct", "--idle", "--json", "--proxy", "--ticks", "--interval", "Exit status"):
+        assert option in result.stdout
+
+
+# --- the pieces --------------------------------------------------------------------------------
+
+BODY = b"".join(b"tick seq=%d of=6 t=%.3f sent=1764000000.%06d\n" % (n, n * 0.25, n) for n in range(1, 7))
+
+
+def _brotli(data: bytes) -> bytes:
+    return bytes(brotli.compress(data))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        (None, lambda b: b),
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some servers send it
+        ("br", _brotli),
+    ],
+)
+def test_ticks_are_found_in_compressed_bytes_split_anywhere(encoding: str | None, compress) -> None:
+    raw = compress(BODY)
+    for size in (1, 2, 3, 7, len(raw)):
+        decoder = _Decoder(encoding)
+        reader = _TickReader("text")
+        seen = []
+        for i in range(0, len(raw), size):
+            seen += reader.feed(decoder.decompress(raw[i:i + size]))
+        assert [seq for seq, _ in seen] == [1, 2, 3, 4, 5, 6], (encoding, size)
+
+
+def test_unknown_encoding_falls_back_to_raw_timing() -> None:
+    decoder = _Decoder("zstd")
+    assert decoder.decompress is None and "zstd" in (decoder.note or "")
+
+
+def probe_with(arrivals: list[float], *, interval: float = 0.25) -> Probe:
+    ticks = [Tick(seq=n + 1, sent_t=n * interval, arrived=a) for n, a in enumerate(arrivals)]
+    return Probe(mode="text", url="x", status=200, headers={"x-tokenrelay-probe": "0"}, ticks=ticks,
+                 expected_ticks=len(ticks), complete=True)
+
+
+def test_buffered_means_held_back_for_half_the_spread_or_more() -> None:
+    assert probe_with([0.1, 0.35, 0.6, 0.85, 1.1]).verdict == "ok"
+    assert probe_with([0.1, 0.5, 0.6, 0.85, 1.1]).verdict == "ok", "jitter is not buffering"
+    assert probe_with([1.1, 1.1, 1.1, 1.1, 1.1]).verdict == "buffered", "all at the end"
+    assert probe_with([0.6, 0.6, 0.6, 0.85, 1.1]).verdict == "buffered", "the first half held"
+
+
+@pytest.mark.parametrize(
+    ("headers", "name"),
+    [
+        ({"server": "nginx/1.22.1"}, "nginx"),
+        ({"server": "nginx"}, "nginx"),
+        ({"server": "Caddy"}, "caddy"),
+        ({"via": "1.1 Caddy", "server": "uvicorn"}, "caddy"),
+        ({"server": "cloudflare", "cf-ray": "8a1b2c3d4e5f-AMS"}, "cloudflare"),
+        ({"via": "1.1 abc.cloudfront.net (CloudFront)", "x-amz-cf-id": "x"}, "aws"),
+        ({"server": "awselb/2.0"}, "aws"),
+        ({"server": "haproxy"}, "haproxy"),
+        ({"server": "uvicorn"}, "generic"),
+        ({}, "generic"),
+    ],
+)
+def test_the_proxy_is_named_from_the_headers(headers: dict[str, str], name: str) -> None:
+    assert detect_proxy(headers).name == name
+
+
+def test_every_proxy_has_a_fix_for_every_problem() -> None:
+    for proxy in ("nginx", "ingress-nginx", "caddy", "haproxy", "cloudflare", "aws", "generic"):
+        for problem in ("buffered", "compressed", "idle"):
+            assert fixes_for(proxy, problem), (proxy, problem)
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("https://chat.example.com", "https://chat.example.com/api/probe?ticks=8"),
+        ("https://chat.example.com/", "https://chat.example.com/api/probe?ticks=8"),
+        ("https://example.com/chat/", "https://example.com/chat/api/probe?ticks=8"),
+        ("https://example.com/api/probe", "https://example.com/api/probe?ticks=8"),
+        ("localhost:8000", "http://localhost:8000/api/probe?ticks=8"),
+    ],
+)
+def test_probe_url(base: str, expected: str) -> None:
+    assert probe_url(base, ticks=8) == expected

@@ -1,0 +1,221 @@
+"""Observability on a real ``tokenrelay serve``: ``/metrics`` counts what streams did (a
+completed one, a cancelled one, upstream failures, refusals), ``/readyz`` follows the
+upstream, and the request log line carries its fields — as JSON on request, never a key,
+the prompt only when asked."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from servers import RelayServer, SimServer, free_port, wait_until
+from streams import chat
+from test_cancel import open_request
+
+from tokenrelay.app import create_app
+from tokenrelay.config import Settings
+from tokenrelay.routes.health import Readiness
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(relay: RelayServer) -> Samples:
+    response = httpx.get(relay.url + "/metrics", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+@pytest.fixture(scope="module")
+def own_relay(start_relay: Callable[..., RelayServer]) -> RelayServer:
+    """A relay on the in-process simulator whose counters no other test touches."""
+    return start_relay(upstream=None)
+
+
+def test_a_completed_stream_is_counted(own_relay: RelayServer) -> None:
+    before = scrape(own_relay)
+    response = httpx.post(own_relay.url + "/api/get-response", json=chat(model="sim:ttft=0.05,tps=0,tokens=7"),
+                          timeout=10)
+    assert response.status_code == 200
+    after = scrape(own_relay)
+    assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="200") == 1
+    assert delta(before, after, "tokenrelay_streams_total", mode="text", outcome="completed") == 1
+    assert delta(before, after, "tokenrelay_tokens_out_total") == 7
+    assert delta(before, after, "tokenrelay_bytes_out_total") == len(response.content)
+    assert delta(before, after, "tokenrelay_time_to_first_token_seconds_count", mode="text") == 1
+    assert delta(before, after, "tokenrelay_time_to_first_token_seconds_sum", mode="text") >= 0.05
+    assert delta(before, after, "tokenrelay_stream_duration_seconds_count", mode="text") == 1
+    assert value(after, "tokenrelay_streams_in_flight", mode="text") == 0
+    assert delta(before, after, "tokenrelay_client_cancellations_total") == 0
+
+
+def test_a_cancelled_stream_is_in_flight_then_counted(own_relay: RelayServer) -> None:
+    before = scrape(own_relay)
+    sock = open_request(own_relay, chat(model="sim:ttft=0,tps=10,tokens=200"), accept="text/event-stream")
+    try:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        wait_until(lambda: value(scrape(own_relay), "tokenrelay_streams_in_flight", mode="sse") == 1)
+    finally:
+        sock.close()
+    wait_until(lambda: delta(before, scrape(own_relay), "tokenrelay_client_cancellations_total") == 1)
+    after = scrape(own_relay)
+    assert value(after, "tokenrelay_streams_in_flight", mode="sse") == 0
+    assert delta(before, after, "tokenrelay_streams_total", mode="sse", outcome="client_cancelled") == 1
+    assert delta(before, after, "tokenrelay_streams_total", mode="sse", outcome="completed") == 0
+    assert delta(before, after, "tokenrelay_stream_duration_seconds_count", mode="sse") == 1
+
+
+def test_upstream_errors_are_counted_by_type(relay_server: RelayServer) -> None:
+    before = scrape(relay_server)
+    refused = httpx.post(relay_server.url + "/api/get-response", json=chat(model="sim:fault=http-500"), timeout=10)
+    assert refused.status_code == 502
+    midway = httpx.post(relay_server.url + "/api/get-response",
+                        json=chat(model="sim:fault=error-mid,ttft=0,tps=0"), timeout=10,
+                        headers={"accept": "text/event-stream"})
+    assert b"event: error" in midway.content
+    after = scrape(relay_server)
+    assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="502") == 1
+    assert delta(before, after, "tokenrelay_streams_total", mode="text", outcome="upstream_error") == 1
+    assert delta(before, after, "tokenrelay_streams_total", mode="sse", outcome="failed_midway") == 1
+    assert delta(before, after, "tokenrelay_upstream_errors_total", type=refused.json()["error"]["type"]) >= 1
+    assert sum(v for (name, _), v in after.items() if name == "tokenrelay_upstream_errors_total") - sum(
+        v for (name, _), v in before.items() if name == "tokenrelay_upstream_errors_total") == 2
+
+
+def test_requests_of_every_route_are_counted(own_relay: RelayServer) -> None:
+    before = scrape(own_relay)
+    assert httpx.post(own_relay.url + "/api/get-response", json={"messages": []}, timeout=5).status_code == 422
+    assert httpx.get(own_relay.url + "/api/get-response", timeout=5).status_code == 405
+    assert httpx.get(own_relay.url + "/healthz", timeout=5).status_code == 200
+    assert httpx.get(own_relay.url + "/no/such/page", timeout=5).status_code == 404
+    after = scrape(own_relay)
+    assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="422") == 1
+    assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="405") == 1
+    assert delta(before, after, "tokenrelay_requests_total", route="/healthz", status="200") == 1
+    assert delta(before, after, "tokenrelay_requests_total", route="other", status="404") == 1
+
+
+def test_each_app_has_its_own_registry() -> None:
+    first, second = create_app(Settings()), create_app(Settings())
+    assert first.state.metrics.registry is not second.state.metrics.registry
+    first.state.metrics.count_request("/api/get-response", 400)
+    assert first.state.metrics.requests.labels("/api/get-response", "400")._value.get() == 1
+    assert second.state.metrics.requests.labels("/api/get-response", "400")._value.get() == 0
+
+
+# --- /readyz -------------------------------------------------------------------------------
+
+def test_ready_on_the_simulator_and_on_a_live_upstream(own_relay: RelayServer, relay_server: RelayServer) -> None:
+    for relay in (own_relay, relay_server):
+        response = httpx.get(relay.url + "/readyz", timeout=5)
+        assert response.status_code == 200
+        assert response.json()["status"] == "ready"
+
+
+def test_not_ready_while_the_upstream_is_down(start_relay: Callable[..., RelayServer]) -> None:
+    relay = start_relay(upstream=f"http://127.0.0.1:{free_port()}/v1")
+    response = httpx.get(relay.url + "/readyz", timeout=10)
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert "cannot reach upstream" in body["reason"]
+    assert httpx.get(relay.url + "/healthz", timeout=5).status_code == 200, "alive all the same"
+
+
+def test_readiness_is_cached_for_a_few_seconds() -> None:
+    class Upstream:
+        calls = 0
+        answer: str | None = None
+
+        async def check_ready(self, *, timeout: float) -> str | None:
+            self.calls += 1
+            return self.answer
+
+    now = [100.0]
+    readiness = Readiness(ttl=5, clock=lambda: now[0])
+    upstream = Upstream()
+
+    async def main() -> None:
+        assert await readiness.reason(upstream) is None
+        upstream.answer = "down"
+        now[0] += 4.9
+        assert await readiness.reason(upstream) is None, "still the cached answer"
+        now[0] += 0.2
+        assert await readiness.reason(upstream) == "down"
+        assert upstream.calls == 2
+
+    anyio.run(main)
+
+
+# --- the request log line --------------------------------------------------------------------
+
+SECRET = "sk-test-do-not-log-7f3a9c"
+
+
+def json_lines(relay: RelayServer) -> list[dict]:
+    return [orjson.loads(line) for line in relay.log().splitlines() if line.startswith("{")]
+
+
+def request_line(relay: RelayServer, request_id: str) -> dict:
+    def find() -> dict | None:
+        return next((line for line in json_lines(relay)
+                     if line.get("request_id") == request_id and "stream_id" in line), None)
+    return wait_until(find)
+
+
+def test_json_log_line_has_the_fields_and_no_key(start_relay: Callable[..., RelayServer],
+                                                 sim_server: SimServer) -> None:
+    relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_LOG_JSON="true", TOKENRELAY_LOG_LEVEL="debug",
+                        TOKENRELAY_UPSTREAM_KEY=SECRET)
+    httpx.post(relay.url + "/api/get-response", json=chat("a private question", model="sim:ttft=0,tps=0,tokens=4"),
+               headers={"x-request-id": "req-json-log-1"}, timeout=10).raise_for_status()
+    httpx.post(relay.url + "/api/get-response", json=chat(model="sim:fault=error-mid,ttft=0,tps=0"),
+               headers={"x-request-id": "req-json-log-2", "accept": "text/event-stream"}, timeout=10)
+    httpx.get(relay.url + "/readyz", timeout=10)
+    line = request_line(relay, "req-json-log-1")
+    assert line["level"] == "info"
+    assert line["stream_id"].startswith("st_")
+    assert line["model"] == "sim:ttft=0,tps=0,tokens=4"
+    assert line["status"] == 200
+    assert line["outcome"] == "completed"
+    assert line["tokens"] == 4
+    assert isinstance(line["ttft_ms"], float) and isinstance(line["duration_ms"], float)
+    assert line["duration_ms"] >= line["ttft_ms"]
+    assert "prompt" not in line
+    failed = request_line(relay, "req-json-log-2")
+    assert failed["outcome"] == "failed_midway" and failed["error_type"]
+    log = relay.log()
+    assert SECRET not in log
+    assert "a private question" not in log
+
+
+def test_prompts_are_logged_only_when_enabled(start_relay: Callable[..., RelayServer]) -> None:
+    relay = start_relay(upstream=None, TOKENRELAY_LOG_JSON="true", TOKENRELAY_LOG_PROMPTS="true")
+    httpx.post(relay.url + "/api/get-response", json=chat("log me, please", model="sim:ttft=0,tps=0,tokens=2"),
+               headers={"x-request-id": "req-prompt-1"}, timeout=10).raise_for_status()
+    assert request_line(relay, "req-prompt-1")["prompt"] == "log me, please"
+
+
+def test_plain_log_line_names_request_stream_and_outcome(own_relay: RelayServer) -> None:
+    httpx.post(own_relay.url + "/api/get-response", json=chat(model="sim:ttft=0,tps=0,tokens=3"),
+               headers={"x-request-id": "req-plain-1"}, timeout=10).raise_for_status()
+    line = wait_until(lambda: next((x for x in own_relay.log().splitlines() if "[req-plain-1]" in x), None))
+    for part in (" st_", "status=200", "model=sim:ttft=0,tps=0,tokens=3", "outcome=completed", "ttft_ms=",
+                 "tokens=3", "duration_ms="):
+        assert part in line
