@@ -11,6 +11,7 @@ import brotli
 import orjson
 import pytest
 from click.testing import CliRunner
+from proxies import start_caddy, start_haproxy, start_nginx
 from servers import RelayServer, free_port
 
 from tokenrelay.cli import cli
@@ -39,6 +40,62 @@ def test_ok_against_tokenrelay_itself(relay_server: RelayServer) -> None:
     assert "5/5 ticks" in result.stdout
     assert "Result: OK" in result.stdout
     assert "PROBLEM" not in result.stdout
+
+
+# --- through real proxies ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("start", [start_nginx, start_caddy, start_haproxy], ids=["nginx", "caddy", "haproxy"])
+def test_ok_through_the_shipped_configs(relay_server: RelayServer, start) -> None:
+    with start(relay_server.url) as proxy:
+        result = doctor(proxy.url, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "plain text   OK" in result.stdout and "SSE          OK" in result.stdout
+    assert "Result: OK" in result.stdout
+
+
+def test_buffered_through_the_control_nginx(relay_server: RelayServer) -> None:
+    """gzip on and nginx told to disregard the app's X-Accel-Buffering: everything at the end."""
+    with start_nginx(relay_server.url, variant="control") as proxy:
+        result = doctor(proxy.url, "--direct", relay_server.url, *FAST)
+    assert result.exit_code == 1, result.output
+    out = result.stdout
+    assert "plain text   BUFFERED" in out and "SSE          BUFFERED" in out
+    assert "proxy        nginx (server: nginx/" in out
+    assert "PROBLEM: The plain-text and SSE streams are BUFFERED (plain-text: all 5 ticks arrived together" in out
+    assert "compressed (gzip), the likely cause" in out
+    assert "fix (nginx): nginx compresses this stream: `gzip off;`" in out
+    assert "fix (nginx): In the location that proxies tokenrelay: `proxy_buffering off;`" in out
+    assert "the buffering is in the proxy between" in out
+    assert "Result: 1 problem found (exit 1)." in out
+
+
+def test_compressed_but_flushed_is_ok_json(relay_server: RelayServer) -> None:
+    """gzip on, buffering on, but nginx obeys X-Accel-Buffering: compressed pieces, on time."""
+    with start_nginx(relay_server.url, variant="gzip") as proxy:
+        result = doctor(proxy.url, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    report = orjson.loads(result.stdout)
+    assert report["proxy"]["name"] == "nginx"
+    for probe in report["probes"]:
+        assert probe["verdict"] == "ok" and probe["content_encoding"] == "gzip"
+        assert probe["ticks_received"] == 5 and probe["raw_chunks"] >= 5
+        assert probe["holdback_s"] < 0.5 * probe["sent_spread_s"]
+    assert {f["code"] for f in report["findings"]} == {"compressed_text", "compressed_sse"}
+
+
+def test_idle_cut_by_a_short_read_timeout(relay_server: RelayServer) -> None:
+    with start_nginx(relay_server.url, read_timeout=2) as proxy:
+        result = doctor(proxy.url, "--idle", "8", "--json", *FAST)
+    assert result.exit_code == 1, result.output
+    report = orjson.loads(result.stdout)
+    assert all(p["verdict"] == "ok" for p in report["probes"])
+    idle = report["idle"]
+    assert idle["cut"] is True and idle["ticks_received"] == 1
+    assert 1.5 < idle["cut_after_s"] < 5, idle
+    [finding] = [f for f in report["findings"] if f["severity"] == "problem"]
+    assert finding["code"] == "idle_cut"
+    assert "after 2." in finding["message"] or "after 1.9" in finding["message"]
+    assert any("proxy_read_timeout" in fix for fix in finding["fixes"])
 
 
 def test_unreachable_exits_2() -> None:

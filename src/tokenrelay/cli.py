@@ -63,10 +63,13 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_MAX_BODY_BYTES      request body limit (1048576)
       TOKENRELAY_CONNECT_TIMEOUT / TOKENRELAY_READ_TIMEOUT  upstream timeouts in seconds
       TOKENRELAY_SIM_TTFT / _SIM_TPS / _SIM_TOKENS / _SIM_SEED  the simulator's pacing
+      TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
 
     \b
     Routes: GET / (chat page), POST /api/get-response (text, SSE with
-    'Accept: text/event-stream', or JSON with "stream": false), GET /api/info, GET /healthz.
+    'Accept: text/event-stream', or JSON with "stream": false), GET /api/info,
+    GET /api/probe (timed ticks for `tokenrelay doctor`), GET /healthz (alive),
+    GET /readyz (upstream answers), GET /metrics (Prometheus).
     """
     import uvicorn
 
