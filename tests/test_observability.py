@@ -104,11 +104,13 @@ def test_requests_of_every_route_are_counted(own_relay: RelayServer) -> None:
     assert httpx.get(own_relay.url + "/api/get-response", timeout=5).status_code == 405
     assert httpx.get(own_relay.url + "/healthz", timeout=5).status_code == 200
     assert httpx.get(own_relay.url + "/no/such/page", timeout=5).status_code == 404
+    assert httpx.get(own_relay.url + "/static/app.js", timeout=5).status_code == 200
     after = scrape(own_relay)
     assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="422") == 1
     assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="405") == 1
     assert delta(before, after, "tokenrelay_requests_total", route="/healthz", status="200") == 1
     assert delta(before, after, "tokenrelay_requests_total", route="other", status="404") == 1
+    assert delta(before, after, "tokenrelay_requests_total", route="/static", status="200") == 1
 
 
 def test_each_app_has_its_own_registry() -> None:

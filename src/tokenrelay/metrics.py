@@ -6,8 +6,10 @@ one), so several apps in one process keep separate counts.
 Nothing here runs per chunk. A stream is observed twice: ``stream_started`` when the
 relay begins (the in-flight gauge) and ``stream_finished`` from its ``StreamRecord`` at
 the end (everything else). Other routes are counted by ``MetricsMiddleware`` from their
-status; ``/api/get-response`` is left to the relay, and to ``count_request`` for errors
-raised before the relay starts, so the stream path gets no wrapped ``send``.
+status; the stream routes (``STREAM_PATHS``) are left to the relay, and to
+``count_request`` for errors raised before the relay starts, so a stream's chunks pass no
+wrapped ``send``. The route label is the route's template (``/api/jobs/{job_id}``), or
+``other`` for a path no route matched, so random URLs cannot grow the label set.
 
     tokenrelay_requests_total{route,status}          every HTTP request
     tokenrelay_streams_in_flight{mode}               answers being relayed now
@@ -39,22 +41,19 @@ from starlette.responses import Response
 if TYPE_CHECKING:
     from .streaming.relay import StreamRecord
 
-STREAM_ROUTE = "/api/get-response"
-"""Counted by the relay and the error handlers, never by the middleware."""
-
-ROUTES = frozenset({"/", STREAM_ROUTE, "/api/info", "/api/probe", "/healthz", "/readyz", "/metrics"})
-"""Route labels; any other path counts as 'other', so a scan of random URLs cannot grow
-the label set without bound."""
+STREAM_PATHS = frozenset({"/api/get-response", "/v1/chat/completions"})
+"""Counted from each stream's ``StreamRecord`` and by the error handlers, never by the
+middleware."""
 
 _UPSTREAM_OUTCOMES = frozenset({"upstream_error", "failed_midway"})
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-def route_label(path: str) -> str:
-    if path in ROUTES:
-        return path
-    return "/static" if path.startswith("/static/") else "other"
+def route_label(scope: dict[str, Any]) -> str:
+    """The template of the route that matched (Starlette puts it in the scope)."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) and path else "other"
 
 
 class Metrics:
@@ -86,7 +85,7 @@ class Metrics:
     def stream_finished(self, record: StreamRecord) -> None:
         mode = record.mode
         self.in_flight.labels(mode).dec()
-        self.requests.labels(route_label(record.route), str(record.status)).inc()
+        self.requests.labels(record.route, str(record.status)).inc()
         self.streams.labels(mode, record.outcome).inc()
         if record.first_token is not None:
             self.ttft.labels(mode).observe(record.first_token - record.started)
@@ -101,10 +100,10 @@ class Metrics:
     # --- requests that never reach the relay ---
 
     def count_request(self, path: str, status: int) -> None:
-        """An error response from an exception handler; only the stream route is counted
+        """An error response from an exception handler; only the stream routes are counted
         here, as the middleware counts the others."""
-        if path == STREAM_ROUTE:
-            self.requests.labels(STREAM_ROUTE, str(status)).inc()
+        if path in STREAM_PATHS:
+            self.requests.labels(path, str(status)).inc()
 
     async def endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
@@ -119,7 +118,7 @@ class MetricsMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == STREAM_ROUTE:
+        if scope["type"] != "http" or scope["path"] in STREAM_PATHS:
             await self.app(scope, receive, send)
             return
         status = 500  # an exception that escapes before the response starts
@@ -133,4 +132,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.metrics.requests.labels(route_label(scope["path"]), str(status)).inc()
+            self.metrics.requests.labels(route_label(scope), str(status)).inc()
