@@ -17,11 +17,14 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .access import AccessMiddleware, CORSMiddleware, cors_options
+from .auth import load_keys
 from .config import Settings
 from .errors import TokenrelayError
 from .logs import request_id, setup_logging
 from .metrics import Metrics, MetricsMiddleware
 from .providers import make_provider
+from .ratelimit import Limiter
 from .routes.health import Readiness, readyz
 from .routes.info import healthz, info
 from .routes.jobs import create_job, delete_job, get_job, stream_job
@@ -111,9 +114,13 @@ def create_app(settings: Settings) -> Starlette:
         else:
             log.info("upstream: %s (default model: %s)", settings.upstream_label, settings.default_model or "none")
         app.state.jobs = await _start_jobs(app, settings)
+        if keys or limiter.enabled:
+            log.info("client keys: %s; limits: %s", len(keys) or "off (limits per client address)",
+                     limiter.describe() if limiter.enabled else "none")
         try:
             yield
         finally:
+            await limiter.aclose()
             if app.state.jobs is not None:
                 await app.state.jobs.aclose()
             await app.state.provider.aclose()
@@ -133,15 +140,23 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics.endpoint, methods=["GET"]),
         Mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static"),
     ]
+    keys = load_keys(settings)
+    limiter = Limiter(per_minute=settings.requests_per_minute_per_key,
+                      concurrent=settings.max_concurrent_streams_per_key, redis_url=settings.redis_url)
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={TokenrelayError: _tokenrelay_error, HTTPException: _http_error},
     )
+    app.state.keys = keys
+    if keys or limiter.enabled:
+        app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter)
     app.state.metrics = metrics
     app.state.readiness = Readiness()
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestIdMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origins))
     return app
 
 

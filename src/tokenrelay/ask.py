@@ -35,8 +35,10 @@ class AskStats:
 
 
 def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[[str], Any],
-                  flush: Callable[[], Any], timeout: float = 600.0) -> AskStats:
+                  flush: Callable[[], Any], timeout: float = 600.0, key: str | None = None) -> AskStats:
     headers = {"accept": "text/event-stream" if sse else "text/plain"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
     stats = AskStats(started=time.perf_counter())
     try:
         with httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0)) as client:

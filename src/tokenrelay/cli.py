@@ -66,6 +66,17 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
 
     \b
+    Client keys, limits and CORS (docs/auth-and-limits.md):
+      TOKENRELAY_API_KEYS       client keys, comma-separated: /api/* and /v1/* then need
+                                'Authorization: Bearer KEY' (401 otherwise)
+      TOKENRELAY_API_KEYS_FILE  a file of keys, one per line: 'KEY' or 'KEY NAME' (# comments)
+      TOKENRELAY_MAX_CONCURRENT_STREAMS_PER_KEY  requests open at once per key (0: no limit)
+      TOKENRELAY_REQUESTS_PER_MINUTE_PER_KEY     requests per minute per key (0: no limit);
+                                without keys, both limits count per client address (429)
+      TOKENRELAY_REDIS_URL      redis://host:port/db: limits shared by several processes
+      TOKENRELAY_CORS_ORIGINS   origins browsers may call the API from, comma-separated
+
+    \b
     Routes: GET / (chat page), POST /api/get-response (text, SSE with
     'Accept: text/event-stream', or JSON with "stream": false), GET /api/info,
     GET /api/probe (timed ticks for `tokenrelay doctor`), GET /healthz (alive),
@@ -163,8 +174,10 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
 @click.option("--model", default=None, help="Model to ask (default: the service's).")
 @click.option("--system", default=None, help="A system message to send first.")
 @click.option("-v", "--verbose", is_flag=True, help="Print time to first token and tokens/s to stderr.")
+@click.option("--key", default=None, envvar="TOKENRELAY_API_KEY",
+              help="Client key, for a service that requires one (env TOKENRELAY_API_KEY).")
 def ask(question: str | None, url: str, sse: bool, model: str | None, system: str | None,
-        verbose: bool) -> None:
+        verbose: bool, key: str | None) -> None:
     """Ask a question; print the answer as it arrives.
 
     The question is read from stdin when not given. Exits 1 with a message when the service
@@ -186,7 +199,7 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     out = sys.stdout
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
-                              flush=out.flush)
+                              flush=out.flush, key=key)
     except AskFailed as exc:
         out.write("\n")
         raise click.ClickException(str(exc)) from None

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -74,7 +75,9 @@ class Settings(BaseSettings):
         description="Where jobs and pending webhooks are kept (SQLite). Default: $XDG_DATA_HOME/tokenrelay.",
     )
     redis_url: str | None = Field(
-        default=None, description="Run jobs on a Redis task queue, executed by 'tokenrelay worker' processes."
+        default=None,
+        description="Redis shared by several tokenrelay processes: the jobs' task queue (run by "
+        "'tokenrelay worker') and the per-key limits.",
     )
     job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
     job_heartbeat: int = Field(
@@ -91,6 +94,25 @@ class Settings(BaseSettings):
         default=False, description="Deliver to private, loopback and link-local addresses too."
     )
 
+    # --- client keys, limits, CORS (docs/auth-and-limits.md) ---
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Client keys, comma-separated; when set, /api/* and /v1/* need 'Authorization: Bearer KEY'.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file of client keys, one per line: 'KEY' or 'KEY NAME'; '#' starts a comment."
+    )
+    max_concurrent_streams_per_key: int = Field(
+        default=0, ge=0, description="Requests one key (without keys: one client address) may have open; 0: no limit."
+    )
+    requests_per_minute_per_key: int = Field(
+        default=0, ge=0, description="Requests one key (without keys: one client address) may start per minute; 0: no limit."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins that browsers may call the API from, comma-separated ('*': any). Empty: CORS off.",
+    )
+
     # --- logs ---
     log_level: str = "info"
     log_json: bool = False
@@ -105,6 +127,30 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
         return value.rstrip("/")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        from .auth import parse_keys
+
+        if not parse_keys(value.get_secret_value()):
+            raise ValueError("no key given (unset it to leave the API open)")
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_keys_file(cls, value: Path | None) -> Path | None:
+        if value is None or str(value) == "":
+            return None
+        from .auth import read_keys_file
+
+        # A missing file, a bad line or no key at all stops start-up here: a typo must not
+        # leave the API open.
+        if not read_keys_file(value):
+            raise ValueError(f"{value} holds no key")
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -127,6 +173,17 @@ class Settings(BaseSettings):
         except Exception:
             raise ValueError("must be a Standard Webhooks secret: 'whsec_' and base64") from None
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _check_origins(cls, value: Any) -> list[str]:
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        origins = [str(item).strip().rstrip("/") for item in items if str(item).strip()]
+        for origin in origins:
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+                raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (or '*')")
+        return origins
 
     @field_validator("log_level")
     @classmethod

@@ -9,6 +9,8 @@
     ├── NotFound                    404 not_found
     ├── Conflict                    409 conflict
     ├── ServiceUnavailable          503 unavailable
+    ├── Unauthorized                401 unauthorized          (no or wrong client key)
+    ├── RateLimited                 429 rate_limited          (tokenrelay's own per-key limits)
     └── UpstreamError               502 upstream_error
         ├── UpstreamRejected        400 upstream_rejected_request (upstream 4xx but 401/403/429)
         ├── UpstreamRateLimited     429 upstream_rate_limited
@@ -79,6 +81,19 @@ class Conflict(TokenrelayError):
 class ServiceUnavailable(TokenrelayError):
     status = 503
     type = "unavailable"
+class Unauthorized(TokenrelayError):
+    """The request carries no client key, or one tokenrelay does not know."""
+
+    status = 401
+    type = "unauthorized"
+
+
+class RateLimited(TokenrelayError):
+    """A client key (or address) is over one of tokenrelay's own limits; ``Retry-After`` says
+    when to try again. Not ``UpstreamRateLimited``: that is the model API refusing."""
+
+    status = 429
+    type = "rate_limited"
 
 
 class UpstreamError(TokenrelayError):

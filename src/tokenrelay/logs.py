@@ -15,11 +15,16 @@ from typing import Any
 import orjson
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+client_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("client_name", default=None)
+"""The client key's name (never the key), set by ``access.AccessMiddleware`` when keys are on."""
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        client = client_name.get()
+        record.client = client
+        record.client_tag = f" client={client}" if client else ""
         return True
 
 
@@ -41,6 +46,9 @@ class _JSONFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": record.getMessage(),
         }
+        client = getattr(record, "client", None)
+        if client:
+            line["client"] = client
         # The request line's values as fields of their own (``streaming.relay._log_request``).
         fields = getattr(record, "fields", None)
         if fields:
@@ -57,7 +65,7 @@ def setup_logging(level: str = "info", *, json: bool = False) -> None:
         handler.setFormatter(_JSONFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]%(client_tag)s %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -16,6 +16,8 @@ async def info(request: Request) -> JSONResponse:
             "simulated": settings.simulated,
             "model": settings.default_model,
             "version": __version__,
+            # Public, so the page knows to ask for a key before its first request.
+            "auth_required": bool(request.app.state.keys),
         }
     )
 

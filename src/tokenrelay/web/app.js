@@ -193,11 +193,32 @@
       if (info.version) {
         ui.version.textContent = "v" + info.version;
       }
+      showKeyField(info.auth_required === true);
       document.body.classList.toggle("is-simulated", !!info.simulated);
     } catch (err) {
       label.dataset.simulated = "unknown";
       label.textContent = "Upstream unknown (could not load /api/info: " + err.message + ")";
     }
+  }
+
+  // ---------------------------------------------------------------------
+  // Client key: asked for only when the server requires one
+  // ---------------------------------------------------------------------
+
+  const KEY_STORAGE = "tokenrelay.apiKey";
+
+  function showKeyField(required) {
+    ui.keyField.hidden = !required;
+    ui.form.classList.toggle("needs-key", required);
+    if (required && !ui.apiKey.value) {
+      ui.apiKey.value = sessionStorage.getItem(KEY_STORAGE) || "";
+    }
+  }
+
+  /** Headers that carry the client key, when the page has one. */
+  function authHeaders() {
+    const key = ui.keyField.hidden ? "" : ui.apiKey.value.trim();
+    return key ? { Authorization: "Bearer " + key } : {};
   }
 
   // ---------------------------------------------------------------------
@@ -445,7 +466,7 @@
     try {
       const res = await fetch("/api/get-response", {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...authHeaders() },
         body: JSON.stringify(body),
         signal: controller.signal,
       });
@@ -463,6 +484,7 @@
           /* body was not JSON; keep the status text */
         }
         settle("failed", { type, message: message + " (HTTP " + res.status + ")" });
+        if (res.status === 401 && !ui.keyField.hidden) ui.apiKey.focus();
         return;
       }
       const ctype = res.headers.get("content-type") || "";
@@ -535,12 +557,17 @@
     ui.model = $("#model");
     ui.send = $("#send");
     ui.stop = $("#stop");
+    ui.keyField = $("#key-field");
+    ui.apiKey = $("#api-key");
 
     ui.form.addEventListener("submit", (e) => {
       e.preventDefault();
       send();
     });
     ui.stop.addEventListener("click", stop);
+    ui.apiKey.addEventListener("input", () => {
+      sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value.trim());
+    });
     ui.prompt.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey && !e.altKey && !e.isComposing && e.keyCode !== 229) {
         e.preventDefault();

@@ -1,0 +1,119 @@
+"""Who may call the API, how often, and from which web origins.
+
+``AccessMiddleware`` guards every API path — ``/api/*`` and ``/v1/*``, except the public
+``/api/info`` — by path alone, before routing, so a route added later is guarded too. The
+page, ``/static/*``, ``/healthz``, ``/readyz`` and ``/metrics`` stay public.
+
+It is plain ASGI and does not wrap ``send``: it checks the key and the limits, calls the
+app, and gives the slot back in ``finally`` once the app has returned — which for a stream
+is when the stream has ended, whether it completed, failed or lost its client. Nothing
+runs per chunk. Refusals are answered here, in the error shape of the path: tokenrelay's
+``{"error": {"type", "message"}}`` on ``/api``, OpenAI's on ``/v1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from starlette.middleware.cors import CORSMiddleware
+
+from .auth import KeyRing, bearer_token, key_id
+from .errors import RateLimited, TokenrelayError, Unauthorized
+from .logs import client_name, request_id
+from .ratelimit import Limiter
+
+log = logging.getLogger("tokenrelay.access")
+
+PUBLIC_API_PATHS = frozenset({"/api/info"})
+EXPOSED_HEADERS = ["X-Request-Id", "X-Stream-Id", "Retry-After"]
+
+
+def is_api_path(path: str) -> bool:
+    return (path.startswith(("/api/", "/v1/")) or path in ("/api", "/v1")) and path not in PUBLIC_API_PATHS
+
+
+class AccessMiddleware:
+    def __init__(self, app: Any, *, keys: KeyRing, limiter: Limiter) -> None:
+        self.app = app
+        self.keys = keys
+        self.limiter = limiter if limiter.enabled else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not is_api_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.keys:
+            token = bearer_token(_header(scope, b"authorization"))
+            key = self.keys.match(token) if token is not None else None
+            if key is None:
+                if token is None:
+                    reason = "no client key"
+                    exc = Unauthorized("this API needs a client key: send 'Authorization: Bearer <key>'")
+                else:
+                    reason = f"unknown client key {key_id(token)}"
+                    exc = Unauthorized("the client key is not valid")
+                await self._refuse(scope, send, exc, reason=reason, bearer_error=token is not None)
+                return
+            who, subject = key.name, "this key"
+            client_name.set(key.name)
+        else:
+            client = scope.get("client")
+            who, subject = "addr:" + (client[0] if client else "unknown"), "this client address"
+        if self.limiter is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            release = await self.limiter.admit(who, subject=subject)
+        except RateLimited as exc:
+            await self._refuse(scope, send, exc, reason=exc.message)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            await release()
+
+    async def _refuse(self, scope: dict[str, Any], send: Any, exc: TokenrelayError, *, reason: str,
+                      bearer_error: bool = False) -> None:
+        log.info("%s %s status=%d outcome=%s (%s)", scope["method"], scope["path"], exc.status, exc.type, reason)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", request_id.get().encode()),
+            *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
+        ]
+        if isinstance(exc, Unauthorized):
+            challenge = b'Bearer realm="tokenrelay"' + (b', error="invalid_token"' if bearer_error else b"")
+            headers.append((b"www-authenticate", challenge))
+        body = _openai_body(exc) if scope["path"].startswith("/v1") else exc.body()
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _openai_body(exc: TokenrelayError) -> bytes:
+    """OpenAI's error shape, which its SDKs turn into ``AuthenticationError`` and
+    ``RateLimitError``; tokenrelay's own type is the ``code``."""
+    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status, "invalid_request_error")
+    return orjson.dumps({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.type}})
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def cors_options(origins: list[str]) -> dict[str, Any]:
+    """Starlette's ``CORSMiddleware`` (plain ASGI) for the allow-listed origins. Keys travel
+    in ``Authorization``, never in cookies, so credentials stay off and ``*`` is allowed."""
+    return {
+        "allow_origins": origins,
+        "allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
+        "allow_headers": ["*"],  # the SDKs send their own x-stainless-* headers
+        "expose_headers": EXPOSED_HEADERS,
+        "max_age": 600,
+    }
+
+
+__all__ = ["AccessMiddleware", "CORSMiddleware", "cors_options", "is_api_path"]
