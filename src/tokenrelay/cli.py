@@ -91,6 +91,10 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
     label = f" in {workers} processes" if workers > 1 else ""
     click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/{label}  (upstream: {settings.upstream_label})",
                err=True)
+    limited = settings.max_concurrent_streams_per_key or settings.requests_per_minute_per_key
+    if workers > 1 and limited and not settings.redis_url:
+        click.echo(f"warning: each of the {workers} processes counts the per-key limits on its own; "
+                   "set TOKENRELAY_REDIS_URL to count them once", err=True)
     if workers > 1:
         # Each worker process builds its own app from the environment: pass the flags on.
         from .app import CONFIG_FILE_ENV
