@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import secrets
@@ -84,7 +85,9 @@ async def _start_jobs(app: Starlette, settings: Settings) -> Any:
     from .jobs.store import StoreBusy
 
     try:
-        if settings.redis_url:
+        # TOKENRELAY_REDIS_URL also holds the per-key limits: without the Redis job queue
+        # in this build, jobs stay local rather than stopping start-up.
+        if settings.redis_url and importlib.util.find_spec("tokenrelay.jobs.distributed") is not None:
             from .jobs.distributed import RemoteJobs
 
             jobs: Any = RemoteJobs(settings)
