@@ -5,6 +5,7 @@ the prompt only when asked."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import anyio
@@ -12,7 +13,7 @@ import httpx
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import RelayServer, SimServer, free_port, wait_until
+from servers import Process, RelayServer, SimServer, free_port, wait_until
 from streams import chat
 from test_cancel import open_request
 
@@ -221,3 +222,24 @@ def test_plain_log_line_names_request_stream_and_outcome(own_relay: RelayServer)
     for part in (" st_", "status=200", "model=sim:ttft=0,tps=0,tokens=3", "outcome=completed", "ttft_ms=",
                  "tokens=3", "duration_ms="):
         assert part in line
+
+
+def test_metrics_add_up_every_worker(log_dir) -> None:
+    """serve --workers 2: whichever worker answers a scrape (new connection each time, so
+    both do), it counts both workers' requests."""
+    port = free_port()
+    server = Process(["serve", "--port", str(port), "--workers", "2"], port=port, ready_path="/healthz",
+                     env={"TOKENRELAY_MODEL": "sim"}, log_dir=log_dir)
+    relay = RelayServer.__new__(RelayServer)
+    relay.url = server.url
+    try:
+        for _ in range(8):  # a new connection each: the kernel spreads them over the workers
+            httpx.post(server.url + "/api/get-response", json=chat(model="sim:ttft=0,tps=0,tokens=3"),
+                       timeout=10).raise_for_status()
+        assert len(set(re.findall(r"Started server process \[(\d+)\]", server.log()))) == 2
+        for _ in range(6):
+            samples = scrape(relay)
+            assert value(samples, "tokenrelay_requests_total", route="/api/get-response", status="200") == 8
+            assert value(samples, "tokenrelay_tokens_out_total") == 24
+    finally:
+        server.stop()

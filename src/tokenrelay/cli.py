@@ -14,8 +14,11 @@ Point it at a real model API with the environment (or a TOML file, --config):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +108,32 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
                 os.environ[ENV_PREFIX + name.upper()] = str(value).lower()
         if config is not None:
             os.environ[CONFIG_FILE_ENV] = str(config.resolve())
-        uvicorn.run("tokenrelay.app:app_from_env", factory=True, workers=workers, host=settings.host,
-                    port=settings.port, log_config=None, timeout_graceful_shutdown=5, **fast_server())
+        with _shared_metrics():
+            uvicorn.run("tokenrelay.app:app_from_env", factory=True, workers=workers, host=settings.host,
+                        port=settings.port, log_config=None, timeout_graceful_shutdown=5, **fast_server())
         return
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None,
         timeout_graceful_shutdown=5, **fast_server(),
     ))
     server.run()
+
+
+@contextlib.contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """/metrics adds up every worker: prometheus-client's multiprocess mode, in a fresh
+    directory (or the one PROMETHEUS_MULTIPROC_DIR already names, left as it is)."""
+    from .metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="tokenrelay-metrics-") as path:
+        os.environ[MULTIPROC_ENV] = path
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROC_ENV]
 
 
 def fast_server() -> dict[str, str]:

@@ -1,7 +1,10 @@
 """Prometheus instruments, served at ``GET /metrics``.
 
 One ``Metrics`` per app, each with its own ``CollectorRegistry`` (not the library's global
-one), so several apps in one process keep separate counts.
+one), so several apps in one process keep separate counts. Under ``serve --workers N``
+every worker writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (the library's
+multiprocess mode, set up by ``serve``) and a scrape, whichever worker answers it, adds up
+all workers.
 
 Nothing here runs per chunk. A stream is observed twice: ``stream_started`` when the
 relay begins (the in-flight gauge) and ``stream_finished`` from its ``StreamRecord`` at
@@ -24,6 +27,7 @@ wrapped ``send``. The route label is the route's template (``/api/jobs/{job_id}`
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +38,15 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.requests import Request
 from starlette.responses import Response
 
 if TYPE_CHECKING:
     from .streaming.relay import StreamRecord
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 STREAM_PATHS = frozenset({"/api/get-response", "/v1/chat/completions"})
 """Counted from each stream's ``StreamRecord`` and by the error handlers, never by the
@@ -62,7 +69,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("tokenrelay_requests", "HTTP requests by route and status.",
                                 ["route", "status"], registry=r)
-        self.in_flight = Gauge("tokenrelay_streams_in_flight", "Answers being relayed now.", ["mode"], registry=r)
+        self.in_flight = Gauge("tokenrelay_streams_in_flight", "Answers being relayed now.", ["mode"], registry=r,
+                               multiprocess_mode="livesum")
         self.streams = Counter("tokenrelay_streams", "Answers relayed, by how they ended.",
                                ["mode", "outcome"], registry=r)
         self.ttft = Histogram("tokenrelay_time_to_first_token_seconds",
@@ -106,7 +114,11 @@ class Metrics:
             self.requests.labels(path, str(status)).inc()
 
     async def endpoint(self, request: Request) -> Response:
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = self.registry
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class MetricsMiddleware:
