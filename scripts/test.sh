@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real servers and a real browser from Debian's packages.
-packages=(chromium nginx redis-server caddy haproxy)
-commands=(chromium nginx redis-server caddy haproxy)
+packages=(chromium nginx redis-server caddy haproxy nodejs npm)
+commands=(chromium nginx redis-server caddy haproxy node npm)
 missing=()
 for i in "${!commands[@]}"; do
   command -v "${commands[$i]}" >/dev/null 2>&1 || [ -x "/usr/sbin/${commands[$i]}" ] || missing+=("${packages[$i]}")
@@ -22,5 +22,8 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
+
+# The official openai Node SDK for tests/test_v1_node.py, exactly as its lockfile says.
+(cd tests/node && npm ci --no-audit --no-fund --silent)
 
 exec .venv/bin/python -m pytest "$@"

@@ -24,13 +24,14 @@ from .config import Settings
 from .errors import TokenrelayError
 from .logs import request_id, setup_logging
 from .metrics import Metrics, MetricsMiddleware
-from .providers import make_provider
 from .ratelimit import Limiter
 from .routes.health import Readiness, readyz
 from .routes.info import healthz, info
 from .routes.jobs import create_job, delete_job, get_job, stream_job
 from .routes.probe import probe
+from .routes.openai import chat_completions, list_models, openai_error
 from .routes.stream import get_response
+from .routing import Router
 
 log = logging.getLogger("tokenrelay")
 WEB_DIR = resources.files("tokenrelay") / "web"
@@ -61,8 +62,10 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 async def _tokenrelay_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TokenrelayError)
-    headers = {**exc.headers, "x-request-id": request_id.get()}
     request.app.state.metrics.count_request(request.url.path, exc.status)
+    if request.url.path.startswith("/v1/"):
+        return await openai_error(request, exc)
+    headers = {**exc.headers, "x-request-id": request_id.get()}
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 
@@ -70,6 +73,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     request.app.state.metrics.count_request(request.url.path, exc.status_code)
+    if request.url.path.startswith("/v1/"):
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": kind}}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
     return JSONResponse(
         {"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers
     )
@@ -109,8 +115,13 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.provider = make_provider(settings)
-        if settings.simulated:
+        app.state.router = Router(settings)
+        # The default upstream's provider, for code that predates routing.
+        app.state.provider = app.state.router.default.provider
+        if settings.routes:
+            for upstream in app.state.router.upstreams:
+                log.info("route %s → %s (%s)", upstream.pattern, upstream.name, upstream.kind)
+        elif settings.simulated:
             log.warning(
                 "no upstream configured (TOKENRELAY_UPSTREAM_URL): answers come from the built-in simulator"
             )
@@ -126,7 +137,8 @@ def create_app(settings: Settings) -> Starlette:
             await limiter.aclose()
             if app.state.jobs is not None:
                 await app.state.jobs.aclose()
-            await app.state.provider.aclose()
+            for upstream in app.state.router.upstreams:
+                await upstream.provider.aclose()
 
     metrics = Metrics()
     routes = [
@@ -138,6 +150,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/stream", stream_job, methods=["GET"]),
         Route("/api/probe", probe, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics.endpoint, methods=["GET"]),

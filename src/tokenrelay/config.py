@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -27,6 +27,31 @@ ENV_PREFIX = "TOKENRELAY_"
 
 class SettingsError(ValueError):
     """A setting has a bad value; the message names it."""
+
+
+class UpstreamRoute(BaseModel):
+    """One entry of ``routes``: the models matching ``pattern`` go to this upstream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pattern: str = Field(min_length=1, description="A model name or glob, e.g. 'gpt-*'.")
+    kind: Literal["openai", "anthropic", "simulator"] = "openai"
+    url: str | None = Field(default=None, description="Base URL (…/v1); not for the simulator.")
+    key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
+    name: str | None = Field(default=None, description="Shown in logs; a fallback refers to it.")
+    models: list[str] = Field(default_factory=list, description="Names listed by /v1/models.")
+    connect_timeout: float | None = Field(default=None, gt=0)
+    read_timeout: float | None = Field(default=None, gt=0)
+    fallback: str | None = Field(default=None, description="Name of the route tried when this one fails.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.pattern
 
 
 class Settings(BaseSettings):
@@ -55,6 +80,15 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(
         default=15.0, gt=0, description="Seconds of silence before an SSE ': ping' comment."
     )
+
+    # --- model routing and retries ---
+    routes: list[UpstreamRoute] = Field(
+        default_factory=list,
+        description="Models → upstreams, first match wins ([[routes]] in TOML, JSON in the environment).",
+    )
+    retries: int = Field(default=2, ge=0, le=10, description="Retries per upstream before the first byte.")
+    retry_backoff: float = Field(default=0.25, ge=0, description="First retry delay (s); doubles each time.")
+    retry_budget: float = Field(default=5.0, ge=0, description="Most seconds spent waiting to retry, per request.")
 
     # --- upstream timeouts (seconds) ---
     connect_timeout: float = Field(default=10.0, gt=0)
@@ -121,12 +155,20 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
-        return value.rstrip("/")
+        return _http_url(value)
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, routes: list[UpstreamRoute]) -> list[UpstreamRoute]:
+        names = [r.label for r in routes]
+        for route in routes:
+            if route.kind != "simulator" and route.url is None:
+                raise ValueError(f"route {route.label!r}: url is required for kind {route.kind!r}")
+            if route.key_env and not os.environ.get(route.key_env):
+                raise ValueError(f"route {route.label!r}: the environment variable {route.key_env} is not set")
+            if route.fallback is not None and route.fallback not in names:
+                raise ValueError(f"route {route.label!r}: fallback {route.fallback!r} names no route")
+        return routes
 
     @field_validator("api_keys")
     @classmethod
@@ -225,6 +267,16 @@ class Settings(BaseSettings):
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "tokenrelay"
+
+
+def _http_url(value: str | None) -> str | None:
+    if value in (None, ""):
+        return None
+    assert value is not None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+    return value.rstrip("/")
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

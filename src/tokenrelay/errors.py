@@ -7,6 +7,7 @@
     │   ├── PayloadTooLarge         413 payload_too_large
     │   └── ValidationFailed        422 validation_error
     ├── NotFound                    404 not_found
+    │   └── ModelNotFound           404 model_not_found    (no route serves the model)
     ├── Conflict                    409 conflict
     ├── ServiceUnavailable          503 unavailable
     ├── Unauthorized                401 unauthorized          (no or wrong client key)
@@ -19,8 +20,11 @@
         └── UpstreamProtocolError   502 upstream_protocol_error (malformed stream)
 
 Errors raised before the first byte of a response become a status and the JSON body
-``{"error": {"type", "message"}}``. After the first byte the status is gone: the wire
-encoder says it in-band (SSE ``event: error``) or aborts the body (plain text).
+``{"error": {"type", "message"}}``; on ``/v1`` the same error renders in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` (``openai_body``), so the official SDKs
+raise their own exception types. After the first byte the status is gone: the wire
+encoder says it in-band (SSE ``event: error``, a ``data: {"error": …}`` chunk on ``/v1``) or
+aborts the body (plain text).
 """
 
 from __future__ import annotations
@@ -96,6 +100,10 @@ class RateLimited(TokenrelayError):
     type = "rate_limited"
 
 
+class ModelNotFound(NotFound):
+    type = "model_not_found"
+
+
 class UpstreamError(TokenrelayError):
     """The model API refused, failed, or broke its protocol."""
 
@@ -128,6 +136,29 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     type = "upstream_protocol_error"
+
+
+def openai_type(exc: TokenrelayError) -> str:
+    """OpenAI's error ``type`` for a status: what its SDKs and users expect to read."""
+    if exc.status == 401:
+        return "authentication_error"
+    if exc.status == 403:
+        return "permission_error"
+    if exc.status == 429:
+        return "rate_limit_error"
+    if exc.status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+def openai_dict(exc: TokenrelayError) -> dict[str, dict[str, str | None]]:
+    """The error in OpenAI's shape; tokenrelay's own type is the ``code``."""
+    return {"error": {"message": exc.message, "type": openai_type(exc),
+                      "param": getattr(exc, "param", None), "code": exc.type}}
+
+
+def openai_body(exc: TokenrelayError) -> bytes:
+    return orjson.dumps(openai_dict(exc))
 
 
 def error_headers(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:

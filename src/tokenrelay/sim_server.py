@@ -25,7 +25,8 @@ from starlette.routing import Route
 from .errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
 from .providers.base import Delta
 from .providers.simulator import SimOptions, Simulator
-from .schemas import ChatRequest, parse_model
+from .schemas import ChatRequest, chat_from_openai, parse_json_object
+from .streaming.openai_chunks import DONE, ChunkEncoder, Completion
 
 MODELS = ("sim", "sim:echo")
 
@@ -106,25 +107,21 @@ class _Completion:
         deltas = await self._open(send)
         if deltas is None:
             return False
-        head = orjson.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                             "model": self.model})[:-1]
-        prefix = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":'
-        suffix = b'},"finish_reason":null}]}\n\n'
+        enc = ChunkEncoder(id=self.id, model=self.model, created=self.created)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        role = b"data: " + head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
-        await send({"type": "http.response.body", "body": role, "more_body": True})
+        await send({"type": "http.response.body", "body": enc.role(), "more_body": True})
         try:
             async for delta in deltas:
-                if delta.text:
-                    body = prefix + orjson.dumps(delta.text) + suffix
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                if delta.finish_reason is not None:
-                    body = b"data: " + head + b',"choices":[{"index":0,"delta":{},"finish_reason":' + \
-                        orjson.dumps(delta.finish_reason) + b"}]}\n\n"
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                if delta.tool_calls or delta.finish_reason is not None:
+                    body = enc.delta(delta)
+                elif delta.text:
+                    body = enc.text(delta.text)
+                else:
+                    body = b""
                 if delta.usage is not None and self.include_usage:
-                    body = b"data: " + head + b',"choices":[],"usage":' + orjson.dumps(delta.usage.to_dict()) + b"}\n\n"
+                    body += enc.usage(delta.usage)
+                if body:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
         except UpstreamProtocolError:
             await send({"type": "http.response.body", "body": b'data: {"choices": [{"delta": \n\n'})
@@ -135,31 +132,23 @@ class _Completion:
         finally:
             with anyio.CancelScope(shield=True):
                 await deltas.aclose()  # type: ignore[attr-defined]
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        await send({"type": "http.response.body", "body": DONE})
         return True
 
     async def _whole(self, send: Any) -> bool:
         deltas = await self._open(send)
         if deltas is None:
             return False
-        parts: list[str] = []
-        finish, usage = None, None
+        completion = Completion()
         try:
             async for delta in deltas:
-                parts.append(delta.text)
-                finish = delta.finish_reason or finish
-                usage = delta.usage or usage
+                completion.add(delta)
         except UpstreamError as exc:
             await send({"type": "http.response.start", "status": 500,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": _openai_error(exc)})
             return False
-        body = orjson.dumps({
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": finish}],
-            "usage": usage.to_dict() if usage else None,
-        })
+        body = completion.body(id=self.id, model=self.model, created=self.created)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": body})
@@ -172,14 +161,14 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
 
     async def completions(request: Request) -> Response:
         raw = await request.body()
-        chat = parse_model(ChatRequest, raw)
+        data = parse_json_object(raw)
+        chat = chat_from_openai(data)
         model = chat.model or "sim"
         extra = request.headers.get("x-sim-options")
         if extra:
             base, _, spec = model.partition(":")
             model = base + ":" + ",".join(filter(None, (spec, extra)))
         sim.defaults.with_model(model)  # refuse unknown options here, as a 400
-        data = orjson.loads(raw)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         stream = bool(data.get("stream", False))
         return _Completion(sim=sim, chat=chat, model=model, stream=stream,  # type: ignore[return-value]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import UpstreamError, UpstreamRateLimited, UpstreamRejected
 from ..schemas import ChatRequest
@@ -31,12 +31,36 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of a tool call, as OpenAI streams it: the first fragment of call ``index``
+    carries its ``id`` and ``name``, later ones only more of the JSON ``arguments``."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        function: dict[str, str] = {"arguments": self.arguments}
+        if self.name is not None:
+            function["name"] = self.name
+        out: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            out["id"] = self.id
+            out["type"] = "function"
+        out["function"] = function
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class Delta:
-    """One piece of the answer: text, and on the last pieces the finish reason or usage."""
+    """One piece of the answer: text or tool-call fragments, and on the last pieces the
+    finish reason or usage."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class Provider(Protocol):

@@ -26,16 +26,18 @@ from ..streaming.sse_decoder import SSEDecoder
 from .base import Delta, Usage, error_for_status
 
 
-def make_client(settings: Settings) -> httpx.AsyncClient:
+def make_client(settings: Settings, *, connect_timeout: float | None = None,
+                read_timeout: float | None = None) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=settings.pool_size,
         max_keepalive_connections=min(settings.pool_size, 100),
     )
+    connect = connect_timeout or settings.connect_timeout
     timeout = httpx.Timeout(
-        connect=settings.connect_timeout,
-        read=settings.read_timeout,
-        write=settings.connect_timeout,
-        pool=settings.connect_timeout,
+        connect=connect,
+        read=read_timeout or settings.read_timeout,
+        write=connect,
+        pool=connect,
     )
     return httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False)
 
@@ -69,9 +71,16 @@ class OpenAICompatible:
         return orjson.dumps(body)
 
     async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
-        http_request = self._client.build_request(
-            "POST", self.url, content=self._body(request, model), headers=self._headers
-        )
+        response = await self.send(self._body(request, model))
+        return self._deltas(response)
+
+    async def send(self, body: bytes, *, stream: bool = True) -> httpx.Response:
+        """Send a chat completions body as it is; the response once its status is 200.
+
+        The body is read by the caller (``aiter_raw``), who must close the response. Any
+        other status is read, closed and raised as the matching ``UpstreamError``."""
+        headers = self._headers if stream else {**self._headers, "accept": "application/json"}
+        http_request = self._client.build_request("POST", self.url, content=body, headers=headers)
         try:
             response = await self._client.send(http_request, stream=True)
         except httpx.TimeoutException:
@@ -90,7 +99,17 @@ class OpenAICompatible:
                 _reason(raw) or response.reason_phrase,
                 retry_after=response.headers.get("retry-after"),
             )
-        return self._deltas(response)
+        return response
+
+    async def models(self) -> list[str]:
+        """The upstream's own model list (``GET …/models``); empty when it has none."""
+        try:
+            response = await self._client.get(self.url.removesuffix("/chat/completions") + "/models",
+                                              headers=self._headers, timeout=5)
+            data = response.json().get("data") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return []
+        return [str(m["id"]) for m in data or () if isinstance(m, dict) and "id" in m]
 
     async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
         decoder = SSEDecoder()

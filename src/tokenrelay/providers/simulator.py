@@ -12,20 +12,26 @@ Per-request options ride in the model name, so they pass through any client and 
     sim:seed=7                   another deterministic answer
     sim:fault=error-mid          error-before | error-mid | stall | malformed | http-429 | http-500 | http-NNN
     sim:fault=stall,stall=5      go silent for 5 s after ``at`` tokens (default: halfway)
+    sim:tools                    call a tool (the request's first, or ``get_weather``);
+                                 ``tools=2`` calls two; a request with ``tools`` calls one
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
 
 from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
 from ..schemas import ChatRequest
-from .base import Delta, Usage, error_for_status
+from .base import Delta, ToolCallDelta, Usage, error_for_status
 
 FAULTS = ("error-before", "error-mid", "stall", "malformed")
 
@@ -56,6 +62,7 @@ class SimOptions:
     fault: str | None = None
     at: int | None = None
     stall: float = 30.0
+    tools: int = 0
 
     def with_model(self, model: str) -> SimOptions:
         """Apply the options written in a model name such as ``sim:echo,tps=10``."""
@@ -68,6 +75,8 @@ class SimOptions:
             try:
                 if key == "echo" and not eq:
                     changes["echo"] = True
+                elif key == "tools":
+                    changes["tools"] = int(value) if eq else 1
                 elif key in ("ttft", "tps", "stall"):
                     changes[key] = float(value)
                 elif key in ("tokens", "seed", "at"):
@@ -97,6 +106,33 @@ def answer_tokens(request: ChatRequest, options: SimOptions) -> list[str]:
     return words[:count]
 
 
+_DEFAULT_TOOL = {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}
+_FRAGMENT = 7  # characters of JSON arguments per streamed fragment
+
+
+def tool_calls(request: ChatRequest, options: SimOptions) -> list[tuple[str, str]]:
+    """The (name, JSON arguments) of the calls to make, or none."""
+    functions = [t["function"] for t in request.tools or () if isinstance(t.get("function"), dict)]
+    count = options.tools or (1 if functions else 0)
+    last_user = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+    words = " ".join(last_user.split()[:3]) or "Paris"
+    calls = []
+    for i, function in zip(range(count), itertools.cycle(functions or [_DEFAULT_TOOL])):
+        params = function.get("parameters") or {}
+        args = {name: _sample(spec, words, i) for name, spec in (params.get("properties") or {}).items()}
+        calls.append((str(function.get("name") or "tool"), orjson.dumps(args).decode()))
+    return calls
+
+
+def _sample(spec: Any, words: str, i: int) -> Any:
+    spec = spec if isinstance(spec, dict) else {}
+    if spec.get("enum"):
+        return spec["enum"][i % len(spec["enum"])]
+    return {"string": words, "integer": 3 + i, "number": 21.5, "boolean": True,
+            "array": [], "object": {}}.get(spec.get("type"), words)
+
+
 def prompt_tokens(request: ChatRequest) -> int:
     return sum(len(_WORDS.findall(m.content)) + 3 for m in request.messages)
 
@@ -116,6 +152,11 @@ class Simulator:
         return self._deltas(request, options)
 
     async def _deltas(self, request: ChatRequest, options: SimOptions) -> AsyncIterator[Delta]:
+        calls = tool_calls(request, options)
+        if calls:
+            async for delta in self._tool_deltas(request, options, calls):
+                yield delta
+            return
         tokens = answer_tokens(request, options)
         fault_at = options.at if options.at is not None else len(tokens) // 2
         loop = asyncio.get_running_loop()
@@ -145,6 +186,27 @@ class Simulator:
         completion = len(tokens)
         prompt = prompt_tokens(request)
         yield Delta(finish_reason=finish, usage=Usage(prompt, completion, prompt + completion))
+
+    async def _tool_deltas(self, request: ChatRequest, options: SimOptions,
+                           calls: list[tuple[str, str]]) -> AsyncIterator[Delta]:
+        """Each call's arguments streamed in small fragments, as OpenAI streams them."""
+        interval = 1.0 / options.tps if options.tps > 0 else 0.0
+        await asyncio.sleep(options.ttft)
+        if options.fault == "error-before":
+            raise UpstreamError("simulated upstream error before the first token")
+        fragments = 0
+        for index, (name, arguments) in enumerate(calls):
+            call_id = f"call_sim{index}{zlib.crc32(arguments.encode()):08x}"
+            yield Delta(tool_calls=(ToolCallDelta(index, "", id=call_id, name=name),))
+            for start in range(0, len(arguments), _FRAGMENT):
+                if interval:
+                    await asyncio.sleep(interval)
+                fragments += 1
+                if options.fault == "error-mid" and fragments == (options.at or 2):
+                    raise UpstreamError("simulated upstream failure mid-stream")
+                yield Delta(tool_calls=(ToolCallDelta(index, arguments[start:start + _FRAGMENT]),))
+        prompt = prompt_tokens(request)
+        yield Delta(finish_reason="tool_calls", usage=Usage(prompt, fragments, prompt + fragments))
 
     async def aclose(self) -> None:
         return None

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from ..errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
 from ..logs import request_id
 from ..schemas import ChatRequest, parse_model
+from ..routing import RoutedProvider
 from ..streaming.relay import Mode, RelayResponse, StreamRecord
 
 
@@ -24,6 +25,7 @@ async def get_response(request: Request) -> RelayResponse:
     model = chat.model or state.settings.default_model
     if model is None:
         raise ValidationFailed("model: required, since no default model is set (TOKENRELAY_MODEL)")
+    upstream = state.router.resolve(model)
     record = StreamRecord(
         request_id=request_id.get(),
         stream_id=new_stream_id(),
@@ -31,9 +33,13 @@ async def get_response(request: Request) -> RelayResponse:
         mode=pick_mode(request, chat),
         prompt=last_user_message(chat) if state.settings.log_prompts else None,
     )
+
+    def report(attempts: str) -> None:
+        record.attempts = attempts
+
     return RelayResponse(
-        provider=state.provider, request=chat, record=record, heartbeat=state.settings.heartbeat_interval,
-        observer=state.metrics,
+        provider=RoutedProvider(state.router, upstream, report), request=chat, record=record,
+        heartbeat=state.settings.heartbeat_interval, observer=state.metrics,
     )
 
 

@@ -65,6 +65,8 @@ class StreamRecord:
     error_type: str | None = None
     prompt: str | None = None
     """The last user message, kept only with ``TOKENRELAY_LOG_PROMPTS=true``."""
+    attempts: str = ""
+    """Upstream tries before the answer began, e.g. ``main:429,backup:ok`` (empty: one try)."""
 
     def note(self, delta: Delta) -> None:
         if delta.finish_reason is not None:
@@ -320,8 +322,10 @@ def _log_request(record: StreamRecord) -> None:
     }
     if record.prompt is not None:
         fields["prompt"] = record.prompt
+    if record.attempts.count(","):
+        fields["attempts"] = record.attempts
     log.info(
-        "%s %s status=%d mode=%s model=%s outcome=%s ttft_ms=%s chunks=%d tokens=%d bytes=%d duration_ms=%.1f%s%s",
+        "%s %s status=%d mode=%s model=%s outcome=%s ttft_ms=%s chunks=%d tokens=%d bytes=%d duration_ms=%.1f%s%s%s",
         record.route,
         record.stream_id,
         record.status,
@@ -335,5 +339,6 @@ def _log_request(record: StreamRecord) -> None:
         duration_ms,
         f" error={record.error_type}" if record.error_type else "",
         f" prompt={record.prompt!r}" if record.prompt is not None else "",
+        f" attempts={record.attempts}" if record.attempts.count(",") else "",
         extra={"fields": fields},
     )
