@@ -165,14 +165,13 @@ class V1Response:
 
     async def _pass_whole(self, send: Send, response: httpx.Response) -> None:
         record = self.record
+        failure: UpstreamError | None = None
         try:
             body = await response.aread()
         except httpx.TimeoutException:
             body, failure = b"", UpstreamTimeout("upstream did not finish its answer in time")
         except httpx.TransportError as exc:
             body, failure = b"", UpstreamUnavailable(f"upstream connection lost: {exc or type(exc).__name__}")
-        else:
-            failure = None
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
