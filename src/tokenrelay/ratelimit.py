@@ -87,6 +87,9 @@ class _MemorySlots:
         return who
 
     async def release(self, who: str, slot: str) -> None:
+        self.give_back(who)
+
+    def give_back(self, who: str) -> None:
         count = self._open.get(who, 0) - 1
         if count > 0:
             self._open[who] = count
@@ -215,6 +218,14 @@ class Limiter:
                 "retry when one of them has ended",
                 headers={"retry-after": str(BUSY_RETRY_AFTER)},
             )
+
+        if isinstance(self._slots, _MemorySlots):
+            slots = self._slots
+
+            async def release_here() -> None:  # no await inside: cancellation cannot skip it
+                slots.give_back(who)
+
+            return release_here
 
         async def release() -> None:
             # Shielded: a cancelled request (a client gone, a server shutting down) still
