@@ -9,7 +9,9 @@ compression is the commonest reason a proxy holds a stream back.
 
 from __future__ import annotations
 
+import socket
 import statistics
+import time
 from collections.abc import Callable
 import httpx
 import pytest
@@ -233,3 +235,37 @@ def test_sse_failing_midway_ends_with_an_error_event(kind: str, relay_server: Re
         result = ask(proxy, sse=True, model=FAILS_MIDWAY)
         events = result.events()
         assert events[0].event == "start" and events[-1].event == "error"
+
+
+# --- the app's side of kept-alive connections ---------------------------------------------
+
+def idle_connection_lifetime(url: str, *, wait: float) -> float | None:
+    """Seconds until the server closes an idle kept-alive connection; None: open after ``wait``."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: tokenrelay\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += sock.recv(65536)
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += sock.recv(65536)
+        idle_since = time.monotonic()
+        try:
+            assert sock.recv(65536) == b""  # nothing more is sent; b"": the server closed
+        except TimeoutError:
+            return None
+        return time.monotonic() - idle_since
+
+
+def test_keepalive_timeout_sets_how_long_the_app_keeps_an_idle_connection(
+        start_relay: Callable[..., RelayServer], sim_server: SimServer, relay_server: RelayServer) -> None:
+    """A load balancer that reuses connections (AWS ALB: 60 s idle) needs the app to keep
+    them longer than it does; TOKENRELAY_KEEPALIVE_TIMEOUT sets it (default 5 s)."""
+    short = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_KEEPALIVE_TIMEOUT="1")
+    lifetime = idle_connection_lifetime(short.url, wait=4)
+    assert lifetime is not None and 0.5 < lifetime < 3.5
+    assert idle_connection_lifetime(relay_server.url, wait=2) is None  # the default, 5 s

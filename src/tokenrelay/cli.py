@@ -64,6 +64,8 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_MODEL          model used when a request names none
       TOKENRELAY_HEARTBEAT_INTERVAL  seconds of silence before an SSE ': ping' (15)
       TOKENRELAY_MAX_BODY_BYTES      request body limit (1048576)
+      TOKENRELAY_KEEPALIVE_TIMEOUT   seconds an idle connection stays open (5); behind a load
+                                balancer, longer than its idle timeout (docs/deploy.md)
       TOKENRELAY_CONNECT_TIMEOUT / TOKENRELAY_READ_TIMEOUT  upstream timeouts in seconds
       TOKENRELAY_SIM_TTFT / _SIM_TPS / _SIM_TOKENS / _SIM_SEED  the simulator's pacing
       TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
@@ -110,11 +112,12 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
             os.environ[CONFIG_FILE_ENV] = str(config.resolve())
         with _shared_metrics():
             uvicorn.run("tokenrelay.app:app_from_env", factory=True, workers=workers, host=settings.host,
-                        port=settings.port, log_config=None, timeout_graceful_shutdown=5, **fast_server())
+                        port=settings.port, log_config=None, timeout_graceful_shutdown=5,
+                        timeout_keep_alive=settings.keepalive_timeout, **fast_server())
         return
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=5, **fast_server(),
+        timeout_graceful_shutdown=5, timeout_keep_alive=settings.keepalive_timeout, **fast_server(),
     ))
     server.run()
 

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(
         default=15.0, gt=0, description="Seconds of silence before an SSE ': ping' comment."
     )
+    keepalive_timeout: int = Field(
+        default=5, gt=0,
+        description="Seconds an idle client connection stays open. Behind a load balancer that reuses "
+                    "connections (AWS ALB: 60 s), make it longer than the balancer's idle timeout.",
+    )
 
     # --- model routing and retries ---
     routes: list[UpstreamRoute] = Field(
