@@ -61,7 +61,8 @@ def test_buffered_through_the_control_nginx(relay_server: RelayServer) -> None:
     out = result.stdout
     assert "plain text   BUFFERED" in out and "SSE          BUFFERED" in out
     assert "proxy        nginx (server: nginx/" in out
-    assert "PROBLEM: The plain-text and SSE streams are BUFFERED (plain-text: all 5 ticks arrived together" in out
+    assert ("PROBLEM: The plain-text and SSE streams are BUFFERED (in each, all 5 ticks arrived together "
+            "at the end, about 0.8") in out
     assert "compressed (gzip), the likely cause" in out
     assert "fix (nginx): nginx compresses this stream: `gzip off;`" in out
     assert "fix (nginx): In the location that proxies tokenrelay: `proxy_buffering off;`" in out
@@ -96,6 +97,22 @@ def test_idle_cut_by_a_short_read_timeout(relay_server: RelayServer) -> None:
     assert finding["code"] == "idle_cut"
     assert "after 2." in finding["message"] or "after 1.9" in finding["message"]
     assert any("proxy_read_timeout" in fix for fix in finding["fixes"])
+
+
+def test_idle_cut_behind_a_buffering_nginx(relay_server: RelayServer) -> None:
+    """The proxy holds the first tick too: the silence still counts from the request."""
+    with start_nginx(relay_server.url, variant="control", read_timeout=2) as proxy:
+        result = doctor(proxy.url, "--idle", "8", "--json", "--proxy", "ingress-nginx", *FAST)
+    assert result.exit_code == 1, result.output
+    report = orjson.loads(result.stdout)
+    assert report["proxy"] == {"name": "ingress-nginx", "evidence": "given with --proxy"}
+    assert report["idle"]["cut"] is True
+    assert 1.5 < report["idle"]["cut_after_s"] < 5, report["idle"]
+    codes = {f["code"] for f in report["findings"] if f["severity"] == "problem"}
+    assert codes == {"buffered", "idle_cut"}
+    fixes = " ".join(fix for f in report["findings"] for fix in f["fixes"])
+    assert "nginx.ingress.kubernetes.io/proxy-buffering" in fixes
+    assert "nginx.ingress.kubernetes.io/proxy-read-timeout" in fixes
 
 
 def test_unreachable_exits_2() -> None:

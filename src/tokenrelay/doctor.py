@@ -304,28 +304,26 @@ def _read(probe: Probe, response: httpx.Response, began: float) -> None:
 
 
 def run_idle_probe(base: str, seconds: float) -> IdleProbe:
-    """One tick at once, then ``seconds`` of silence, then the last tick."""
+    """One tick at once, then ``seconds`` of silence, then the last tick.
+
+    The silence is timed from the request: the probe sends its first tick at once, and a
+    proxy that buffers would hide from doctor when that was."""
     url = probe_url(base, ticks=2, interval=0, idle=seconds)
     idle = IdleProbe(url=url, seconds=seconds)
-    last_byte: float | None = None
     with _client(timeout=seconds + 30) as client:
         began = time.perf_counter()
         try:
             with client.stream("GET", url, headers={"accept": "text/plain"}) as response:
                 idle.status = response.status_code
-                last_byte = time.perf_counter()
                 if response.status_code != 200:
                     # A proxy that held even the headers back answers its own error.
                     response.read()
-                    idle.cut = True
-                    idle.cut_after = time.perf_counter() - began
-                    return idle
-                decoder = _Decoder(response.headers.get("content-encoding"))
-                reader = _TickReader("text")
-                for raw in response.iter_raw():
-                    last_byte = time.perf_counter()
-                    if decoder.decompress is not None:
-                        idle.ticks += len(reader.feed(decoder.decompress(raw)))
+                else:
+                    decoder = _Decoder(response.headers.get("content-encoding"))
+                    reader = _TickReader("text")
+                    for raw in response.iter_raw():
+                        if decoder.decompress is not None:
+                            idle.ticks += len(reader.feed(decoder.decompress(raw)))
         except httpx.TransportError as exc:
             if idle.status is None and isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
                 raise Unreachable(_describe(exc)) from None
@@ -333,7 +331,7 @@ def run_idle_probe(base: str, seconds: float) -> IdleProbe:
         ended = time.perf_counter()
     if idle.ticks < 2:
         idle.cut = True
-        idle.cut_after = ended - (last_byte if last_byte is not None else began)
+        idle.cut_after = ended - began
     return idle
 
 
@@ -664,7 +662,16 @@ def _judge(probes: list[Probe], proxy: str) -> list[Finding]:
     if buffered:
         which = " and ".join(_LABEL[p.mode] for p in buffered)
         plural = "streams are" if len(buffered) > 1 else "stream is"
-        hows = [f"{_LABEL[p.mode]}: {_how_buffered(p)}" for p in buffered]
+        together = [p for p in buffered if p.ticks and p.arrival_spread < 0.1 * p.sent_spread]
+        if len(buffered) > 1 and len(together) == len(buffered):
+            first = buffered[0]
+            hows = [(f"in each, all {len(first.ticks)} ticks arrived together at the end, about "
+                    f"{first.ticks[-1].arrived:.2f} s after the request, though they were sent over "
+                    f"{first.sent_spread:.2f} s")]
+        elif len(buffered) > 1:
+            hows = [f"{_LABEL[p.mode]}: {_how_buffered(p)}" for p in buffered]
+        else:
+            hows = [_how_buffered(buffered[0])]
         encodings = sorted({p.content_encoding for p in buffered if p.content_encoding})
         fixes = fixes_for(proxy, "buffered")
         message = f"The {which} {plural} BUFFERED ({'; '.join(hows)})"
