@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import redis
-
 from servers import free_port, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"

@@ -12,9 +12,9 @@ import httpx
 import pytest
 import redis
 from click.testing import CliRunner
-
 from servers import RelayServer, SimServer, wait_until
 from streams import chat
+
 from tokenrelay.cli import cli
 from tokenrelay.config import SettingsError, load_settings
 

@@ -8,9 +8,8 @@ import secrets
 import pytest
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
-from test_web import CHROMIUM, CHROMIUM_ARGS, Chat  # noqa: E402
+from playwright.sync_api import expect, sync_playwright
+from test_web import CHROMIUM, CHROMIUM_ARGS, Chat
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 

@@ -16,11 +16,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 from starlette.middleware.cors import CORSMiddleware
 
 from .auth import KeyRing, bearer_token, key_id
-from .errors import RateLimited, TokenrelayError, Unauthorized
+from .errors import (
+    RateLimited,
+    TokenrelayError,
+    Unauthorized,
+    error_headers,
+    openai_body,
+)
 from .logs import client_name, request_id
 from .ratelimit import Limiter
 
@@ -77,24 +82,14 @@ class AccessMiddleware:
     async def _refuse(self, scope: dict[str, Any], send: Any, exc: TokenrelayError, *, reason: str,
                       bearer_error: bool = False) -> None:
         log.info("%s %s status=%d outcome=%s (%s)", scope["method"], scope["path"], exc.status, exc.type, reason)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"x-request-id", request_id.get().encode()),
-            *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
-        ]
+        headers = [*error_headers(exc), (b"x-request-id", request_id.get().encode())]
         if isinstance(exc, Unauthorized):
             challenge = b'Bearer realm="tokenrelay"' + (b', error="invalid_token"' if bearer_error else b"")
             headers.append((b"www-authenticate", challenge))
-        body = _openai_body(exc) if scope["path"].startswith("/v1") else exc.body()
+        # OpenAI's shape on /v1, which its SDKs raise as AuthenticationError / RateLimitError.
+        body = openai_body(exc) if scope["path"].startswith("/v1") else exc.body()
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-def _openai_body(exc: TokenrelayError) -> bytes:
-    """OpenAI's error shape, which its SDKs turn into ``AuthenticationError`` and
-    ``RateLimitError``; tokenrelay's own type is the ``code``."""
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(exc.status, "invalid_request_error")
-    return orjson.dumps({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.type}})
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:

@@ -132,7 +132,7 @@ class _RedisSlots:
                 continue
             try:
                 await self._renew(keys=[key for _, key in held], args=[SLOT_LEASE, *(slot for slot, _ in held)])
-            except Exception as exc:  # the next round tries again; the lease covers two misses
+            except _STORAGE_ERRORS as exc:  # the next round tries again; the lease outlasts two misses
                 log.warning("cannot renew %d stream slot(s) in Redis: %s", len(held), exc)
 
     async def aclose(self) -> None:
