@@ -1,6 +1,7 @@
 """``tokenrelay sim``: the simulator served as an OpenAI-compatible HTTP API.
 
-Routes: ``POST /v1/chat/completions`` (stream or not, ``stream_options.include_usage``),
+Routes: ``POST /v1/chat/completions`` (stream or not, ``stream_options.include_usage``, tool
+calls), ``POST /v1/messages`` (Anthropic's Messages API, see ``sim_anthropic``),
 ``GET /v1/models``, and ``GET /sim/stats`` — how many streams are open, finished and
 cancelled by their client, which is how tests prove that a departed browser really stopped
 the model. Options per request ride in the model name (see ``providers.simulator``) or in an
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import sim_anthropic
 from .errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
 from .providers.base import Delta
 from .providers.simulator import SimOptions, Simulator
@@ -55,8 +57,9 @@ class _Completion:
     """One simulated completion as an ASGI response, counted in ``SimStats``."""
 
     def __init__(self, *, sim: Simulator, chat: ChatRequest, model: str, stream: bool,
-                 include_usage: bool, stats: SimStats) -> None:
+                 include_usage: bool, stats: SimStats, anthropic: bool = False) -> None:
         self.sim, self.chat, self.model = sim, chat, model
+        self.anthropic = anthropic
         self.stream, self.include_usage, self.stats = stream, include_usage, stats
         self.id = "chatcmpl-sim" + format(stats.total_streams, "x")
         self.created = int(time.time())
@@ -79,7 +82,12 @@ class _Completion:
                         tg.cancel_scope.cancel()
 
                 tg.start_soon(listen)
-                if await (self._stream(send) if self.stream else self._whole(send)):
+                if self.anthropic:
+                    body = sim_anthropic.stream_messages if self.stream else sim_anthropic.whole_message
+                    done = await body(self, send)
+                else:
+                    done = await (self._stream(send) if self.stream else self._whole(send))
+                if done:
                     outcome = "completed"
                 self._done = True
                 tg.cancel_scope.cancel()
@@ -100,7 +108,8 @@ class _Completion:
             headers = [(b"content-type", b"application/json")]
             headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": _openai_error(exc)})
+            body = sim_anthropic.error_body(exc, status) if self.anthropic else _openai_error(exc)
+            await send({"type": "http.response.body", "body": body})
             return None
 
     async def _stream(self, send: Any) -> bool:
@@ -174,6 +183,23 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
         return _Completion(sim=sim, chat=chat, model=model, stream=stream,  # type: ignore[return-value]
                            include_usage=include_usage, stats=stats)
 
+    async def messages(request: Request) -> Response:
+        """Anthropic's Messages API (``sim_anthropic``)."""
+        try:
+            if not request.headers.get("x-api-key"):
+                return Response(sim_anthropic.error_body(TokenrelayError("x-api-key header is required"), 401),
+                                status_code=401, media_type="application/json")
+            if not request.headers.get("anthropic-version"):
+                raise ValidationFailed("anthropic-version header is required")
+            data = parse_json_object(await request.body())
+            chat = sim_anthropic.chat_from_messages(data)
+            model = chat.model or "sim"
+            sim.defaults.with_model(model)
+        except TokenrelayError as exc:
+            return Response(sim_anthropic.error_body(exc, 400), status_code=400, media_type="application/json")
+        return _Completion(sim=sim, chat=chat, model=model, stream=bool(data.get("stream", False)),  # type: ignore[return-value]
+                           include_usage=False, stats=stats, anthropic=True)
+
     async def models(request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "tokenrelay-simulator"} for m in MODELS]})
@@ -195,6 +221,7 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
         routes=[
             Route("/v1/chat/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/messages", messages, methods=["POST"]),
             Route("/sim/stats", sim_stats, methods=["GET"]),
         ],
         exception_handlers={TokenrelayError: error},

@@ -35,6 +35,7 @@ from ..errors import (
     openai_body,
 )
 from ..providers.base import Delta, Usage
+from ..providers.anthropic import Anthropic
 from ..providers.openai_compat import OpenAICompatible
 from ..routing import Attempts, Router, Upstream
 from ..schemas import ChatRequest, chat_from_openai
@@ -91,6 +92,8 @@ class V1Response:
         provider = upstream.provider
         if isinstance(provider, OpenAICompatible):
             return await provider.send(self.raw, stream=self.stream)
+        if isinstance(provider, Anthropic):  # translates the whole OpenAI body, tool results too
+            return await provider.open_openai(self.body, model=self.record.model)
         if self._chat is None:
             self._chat = chat_from_openai(self.body)
         return await provider.open(self._chat, model=self.record.model)
