@@ -71,6 +71,18 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
 
     \b
+    Model routing and retries (docs/openai-relay.md):
+      TOKENRELAY_ROUTES         models → upstreams, first match wins, as JSON (or [[routes]]
+                                in --config): [{"pattern":"gpt-*","url":"https://api.openai.com/v1",
+                                "key_env":"OPENAI_API_KEY"},{"pattern":"claude-*","kind":"anthropic",
+                                "url":"https://api.anthropic.com/v1","key_env":"ANTHROPIC_API_KEY"}];
+                                per route also name, models, connect_timeout, read_timeout, fallback;
+                                kind is openai (default), anthropic or simulator
+      TOKENRELAY_RETRIES        retries per upstream on connection errors, 429, 5xx (2)
+      TOKENRELAY_RETRY_BACKOFF  first retry delay in seconds, doubling (0.25)
+      TOKENRELAY_RETRY_BUDGET   most seconds spent waiting to retry, per request (5)
+
+    \b
     Client keys, limits and CORS (docs/auth-and-limits.md):
       TOKENRELAY_API_KEYS       client keys, comma-separated: /api/* and /v1/* then need
                                 'Authorization: Bearer KEY' (401 otherwise)
@@ -84,6 +96,7 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
     \b
     Routes: GET / (chat page), POST /api/get-response (text, SSE with
     'Accept: text/event-stream', or JSON with "stream": false), GET /api/info,
+    POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, for the OpenAI SDKs),
     GET /api/probe (timed ticks for `tokenrelay doctor`), GET /healthz (alive),
     GET /readyz (upstream answers), GET /metrics (Prometheus).
     """
@@ -161,7 +174,8 @@ def fast_server() -> dict[str, str]:
 @click.option("--log-level", default="warning", show_default=True)
 def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, fault: str | None,
         log_level: str) -> None:
-    """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions).
+    """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions), and as
+    Anthropic's Messages API (POST /v1/messages).
 
     \b
     Any OpenAI client, or tokenrelay itself, can point at it:
@@ -174,6 +188,7 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
       sim:ttft=2,tps=10,tokens=50  pacing and length
       sim:fault=error-mid          error-before | error-mid | stall | malformed | http-NNN
       sim:fault=stall,stall=5,at=3 go silent 5 s after 3 tokens
+      sim:tools (or tools=2)       stream a tool call (also when the request has tools)
     GET /sim/stats counts open, completed and client-cancelled streams.
     """
     import uvicorn
