@@ -12,6 +12,7 @@ import openai
 import orjson
 import pytest
 
+from sdk import client, close_clients  # noqa: F401  (the fixture closes the clients)
 from servers import RelayServer, SimServer
 from streams import chat
 from tokenrelay.providers.anthropic import messages_body
@@ -30,9 +31,6 @@ def claude(start_relay: Callable[..., RelayServer], sim_server: SimServer) -> Re
     return start_relay(upstream=None, TOKENRELAY_ROUTES=json.dumps(routes), TEST_ANTHROPIC_KEY="sk-ant-test",
                        TOKENRELAY_MODEL="claude-sim")
 
-
-def client(relay: RelayServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=relay.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def messages_events(sim: SimServer, body: dict, headers: dict[str, str] = ANTHROPIC_HEADERS) -> list[tuple[str, dict]]:

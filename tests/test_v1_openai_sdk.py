@@ -12,6 +12,7 @@ from collections.abc import Callable
 import openai
 import pytest
 
+from sdk import client, close_clients  # noqa: F401  (the fixture closes the clients)
 from servers import RelayServer
 
 FAST = "ttft=0,tps=0"
@@ -42,9 +43,6 @@ def relay(request: pytest.FixtureRequest, relay_server: RelayServer) -> RelaySer
         return relay_server
     return request.getfixturevalue("builtin_relay")
 
-
-def client(relay: RelayServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=relay.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def async_client(relay: RelayServer) -> openai.AsyncOpenAI:
@@ -164,10 +162,10 @@ def test_error_mid_stream_raises_api_error(relay: RelayServer, fault: str) -> No
     stream = client(relay).chat.completions.create(
         model=f"sim:{FAST},tokens=20,fault={fault}", messages=USER, stream=True)
     received = []
-    with pytest.raises(openai.APIError, match="simulated upstream"):
+    with pytest.raises(openai.APIError, match="simulated upstream") as caught:
         for chunk in stream:
             received.append(chunk)
-    assert not isinstance(received, openai.APIStatusError)
+    assert not isinstance(caught.value, openai.APIStatusError)  # raised from the stream, status 200
     if fault == "error-mid":
         assert sum(1 for c in received if c.choices and c.choices[0].delta.content) == 10
 

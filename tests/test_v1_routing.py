@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from sdk import client, close_clients  # noqa: F401  (the fixture closes the clients)
 from servers import RelayServer, SimServer, free_port, wait_until
 from streams import chat
 
@@ -42,9 +43,6 @@ def routed(start_relay: Callable[..., RelayServer], sim_server: SimServer,
     return start_relay(upstream=None, TOKENRELAY_ROUTES=json.dumps(routes), TOKENRELAY_RETRY_BACKOFF="0.01",
                        TOKENRELAY_RETRY_BUDGET="0.5")
 
-
-def client(relay: RelayServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=relay.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def log_line(relay: RelayServer, model: str) -> str:

@@ -31,7 +31,7 @@ from .routes.jobs import create_job, delete_job, get_job, stream_job
 from .routes.probe import probe
 from .routes.openai import chat_completions, list_models, openai_error
 from .routes.stream import get_response
-from .routing import Router
+from .routing import ModelRouter, Router
 
 log = logging.getLogger("tokenrelay")
 WEB_DIR = resources.files("tokenrelay") / "web"
@@ -116,8 +116,8 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.router = Router(settings)
-        # The default upstream's provider, for code that predates routing.
-        app.state.provider = app.state.router.default.provider
+        # One provider that routes by model, for code written for a single provider.
+        app.state.provider = ModelRouter(app.state.router)
         if settings.routes:
             for upstream in app.state.router.upstreams:
                 log.info("route %s → %s (%s)", upstream.pattern, upstream.name, upstream.kind)
@@ -137,8 +137,7 @@ def create_app(settings: Settings) -> Starlette:
             await limiter.aclose()
             if app.state.jobs is not None:
                 await app.state.jobs.aclose()
-            for upstream in app.state.router.upstreams:
-                await upstream.provider.aclose()
+            await app.state.provider.aclose()
 
     metrics = Metrics()
     routes = [

@@ -207,3 +207,29 @@ class RoutedProvider:
 
     async def aclose(self) -> None:
         return None
+
+
+class ModelRouter:
+    """The whole router behind the ``Provider`` protocol: each request goes to the route of
+    its model, retried where safe. ``app.state.provider`` is one, so code written for a
+    single provider (jobs, readiness) routes too."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.label = router.default.provider.label
+
+    async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
+        return await RoutedProvider(self.router, self.router.resolve(model), lambda _: None).open(
+            request, model=model)
+
+    async def check_ready(self, *, timeout: float) -> str | None:
+        """The default upstream's readiness (the simulator is always ready)."""
+        check = getattr(self.router.default.provider, "check_ready", None)
+        if check is None:
+            return None
+        reason: str | None = await check(timeout=timeout)
+        return reason
+
+    async def aclose(self) -> None:
+        for upstream in self.router.upstreams:
+            await upstream.provider.aclose()

@@ -74,6 +74,8 @@ def chat_from_openai(body: dict[str, Any]) -> ChatRequest:
             role = "user" if role != "developer" else "system"
         messages.append({"role": role, "content": content})
     data = {k: body[k] for k in ("model", "temperature", "tools") if body.get(k) is not None}
+    if body.get("tool_choice") == "none":
+        data.pop("tools", None)
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     if limit is not None:
         data["max_tokens"] = limit
