@@ -20,13 +20,15 @@ from .sizes import PRESETS
 @click.option("--full", "size", flag_value="full", default=True, help="The full run (a few minutes).  [default]")
 @click.option("--peers", is_flag=True, help="Also measure LiteLLM's proxy and Portkey's gateway (installed into "
               "bench/.peers/ on first use).")
+@click.option("--before", default=None, metavar="GITREF",
+              help="Also run tokenrelay as of this git commit, side by side (targets before-text, before-sse).")
 @click.option("--only", default=None, metavar="W0,W2,…", help="Run only these workloads.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write <date>.md/.json/.png.  [default: bench/results for a full run, "
                    "bench/results/tmp otherwise]")
 @click.option("--readme/--no-readme", default=None,
               help="Update the README's benchmark table.  [default: only for a full run into bench/results]")
-def main(size: str, peers: bool, only: str | None, out_dir: Path | None, readme: bool | None) -> None:
+def main(size: str, peers: bool, before: str | None, only: str | None, out_dir: Path | None, readme: bool | None) -> None:
     """Measure what tokenrelay adds to a stream: against the simulator directly, nginx, a
     minimal Starlette + httpx relay, and (--peers) LiteLLM and Portkey — workloads W0–W5."""
     from .report import update_readme, write_all
@@ -48,7 +50,7 @@ def main(size: str, peers: bool, only: str | None, out_dir: Path | None, readme:
         click.echo(message, err=True)
 
     started = time.monotonic()
-    bench = Bench(sizes=sizes, out_dir=out_dir, log_dir=out_dir / "logs" / stem, with_peers=peers, only=workloads,
+    bench = Bench(sizes=sizes, out_dir=out_dir, log_dir=out_dir / "logs" / stem, with_peers=peers, before=before, only=workloads,
                   log=log)
     try:
         log(f"starting servers (logs in {bench.log_dir}) …")

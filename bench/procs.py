@@ -124,9 +124,9 @@ class Server:
         self._log.close()
 
 
-def python_env() -> dict[str, str]:
-    """Children import tokenrelay and the bench from this checkout first."""
-    paths = [str(ROOT / "src"), str(ROOT)]
+def python_env(src: Path | None = None) -> dict[str, str]:
+    """Children import tokenrelay (from ``src``, default this checkout's) and the bench first."""
+    paths = [str(src or ROOT / "src"), str(ROOT)]
     old = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
 
@@ -138,12 +138,12 @@ def start_sim(log_dir: Path, *, name: str = "sim") -> Server:
 
 
 def start_tokenrelay(log_dir: Path, upstream: str, *, workers: int = 1, name: str = "tokenrelay",
-                     extra_env: dict[str, str] | None = None) -> Server:
+                     extra_env: dict[str, str] | None = None, src: Path | None = None) -> Server:
     port = free_port()
     args = [sys.executable, "-m", "tokenrelay", "serve", "--port", str(port)]
     if workers > 1:
         args += ["--workers", str(workers)]
-    env = {**python_env(), "TOKENRELAY_UPSTREAM_URL": upstream, "TOKENRELAY_MODEL": "sim",
+    env = {**python_env(src), "TOKENRELAY_UPSTREAM_URL": upstream, "TOKENRELAY_MODEL": "sim",
            # room for W3's thousands of concurrent upstream streams
            "TOKENRELAY_POOL_SIZE": "20000", **(extra_env or {})}
     return Server(name, args, port=port, log_dir=log_dir, env=env)
@@ -170,3 +170,12 @@ def wait_until(condition: Callable[[], object], *, timeout: float, interval: flo
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+def export_source(ref: str, dest: Path) -> Path:
+    """tokenrelay's ``src/`` as of git ``ref``, unpacked into ``dest``: the "before" of a
+    before/after comparison run side by side with this checkout."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest / "src"

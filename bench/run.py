@@ -32,7 +32,7 @@ import psutil
 
 from . import loadgen, nginx, peers
 from .loadgen import OPENAI, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile, run_streams, summarize
-from .procs import ROOT, Server, start_baseline, start_sim, start_tokenrelay
+from .procs import ROOT, Server, export_source, start_baseline, start_sim, start_tokenrelay
 from .sizes import Sizes
 
 QUESTION = "How does a relay stream an answer without holding it back?"
@@ -79,6 +79,7 @@ class Bench:
     out_dir: Path
     log_dir: Path
     with_peers: bool = False
+    before: str | None = None  # a git ref: its tokenrelay runs beside this one as "before-*"
     only: tuple[str, ...] = WORKLOADS
     log: Callable[[str], None] = print
     servers: dict[str, Server] = field(default_factory=dict)
@@ -123,6 +124,14 @@ class Bench:
                 self._add("nginx+tokenrelay-v1", front.url, OPENAI, "tokenrelay")
         elif nginx.shipped_config() is None:
             self.notes.append("no shipped nginx config (deploy/nginx/tokenrelay.conf): nginx+tokenrelay not measured")
+        if self.before:
+            src = export_source(self.before, self.log_dir / "before")
+            old = start_tokenrelay(self.log_dir, upstream, name="before", src=src).wait_ready()
+            self.servers["before"] = old
+            self._add("before-text", old.url, TEXT, "before")
+            self._add("before-sse", old.url, TR_SSE, "before")
+            self.notes.append(f"before-*: tokenrelay as of {self.before} "
+                              f"({git_describe(self.before)}), run beside this checkout")
         base = self.servers["baseline"]
         self._add("baseline-text", base.url, TEXT, "baseline")
         self._add("baseline-v1", base.url, OPENAI, "baseline")
@@ -484,6 +493,13 @@ def has_v1(url: str) -> bool:
         return False
     except OSError:
         return False
+
+
+def git_describe(ref: str) -> str:
+    import subprocess
+
+    done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref], capture_output=True, text=True)
+    return done.stdout.strip() or ref
 
 
 def raise_fd_limit(log: Callable[[str], None]) -> int:
