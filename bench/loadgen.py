@@ -50,15 +50,15 @@ TR_SSE = Wire("tr-sse", "/api/get-response", "text/event-stream")
 TEXT = Wire("text", "/api/get-response", "*/*")
 
 
-class _EventCounter:
-    """Counts token events in an SSE byte stream, whatever the read boundaries."""
+class _TokenEvents:
+    """OpenAI SSE: counts chunks with non-empty content, whatever the read boundaries.
+    ``feed`` returns tokens."""
 
-    __slots__ = ("_buf", "_token", "_empty")
+    __slots__ = ("_buf",)
+    counts_tokens = True
 
-    def __init__(self, token: bytes, empty: bytes | None) -> None:
+    def __init__(self) -> None:
         self._buf = b""
-        self._token = token
-        self._empty = empty
 
     def feed(self, chunk: bytes) -> int:
         buf = self._buf + chunk if self._buf else chunk
@@ -68,32 +68,61 @@ class _EventCounter:
             return 0
         whole = buf[:cut]
         self._buf = buf[cut + 2:]
-        n = whole.count(self._token)
-        if self._empty is not None and n:
-            n -= whole.count(self._empty)
-        return n
+        # The role chunk carries "content":"" and the finish chunk no content at all.
+        n = whole.count(b'"content":"')
+        return n - whole.count(b'"content":""') if n else 0
 
 
-class _ByteCounter:
-    """Plain text: every non-empty read carries at least one token."""
+class _TextEvents:
+    """tokenrelay's SSE: a piece may hold several tokens, so count the answer's bytes in the
+    ``data: {"text":…}`` events. ``feed`` returns bytes of answer text."""
+
+    __slots__ = ("_buf", "size")
+    counts_tokens = False
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> int:
+        buf = self._buf + chunk if self._buf else chunk
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self._buf = buf
+            return 0
+        whole = buf[:cut]
+        self._buf = buf[cut + 2:]
+        got = 0
+        start = whole.find(b'data: {"text":')
+        while start >= 0:
+            end = whole.find(b"\n", start)
+            line = whole[start + 6:end if end >= 0 else len(whole)]
+            got += len(orjson.loads(line)["text"].encode())
+            start = whole.find(b'data: {"text":', start + 14)
+        self.size += got
+        return got
+
+
+class _TextBytes:
+    """Plain text: every byte is answer. ``feed`` returns bytes of answer text."""
 
     __slots__ = ("size",)
+    counts_tokens = False
 
     def __init__(self) -> None:
         self.size = 0
 
     def feed(self, chunk: bytes) -> int:
         self.size += len(chunk)
-        return 1 if chunk else 0
+        return len(chunk)
 
 
-def _counter(wire: Wire) -> _EventCounter | _ByteCounter:
+def _counter(wire: Wire) -> _TokenEvents | _TextEvents | _TextBytes:
     if wire.name == "openai":
-        # The role chunk carries "content":"" and the finish chunk no content at all.
-        return _EventCounter(b'"content":"', b'"content":""')
+        return _TokenEvents()
     if wire.name == "tr-sse":
-        return _EventCounter(b'data: {"text":', None)
-    return _ByteCounter()
+        return _TextEvents()
+    return _TextBytes()
 
 
 # --- one stream -----------------------------------------------------------------------
@@ -165,27 +194,29 @@ async def one_stream(session: aiohttp.ClientSession, target: Target, ask: Ask, *
                 if not chunk:
                     break
                 now = time.perf_counter()
-                n = counter.feed(chunk)
-                if n:
+                got = counter.feed(chunk)
+                if got:
                     if result.ttft is None:
                         result.ttft = now - t0
                     elif keep_gaps:
                         result.gaps.append(now - last)
                     last = now
-                    if wire.name != "text":
-                        result.tokens += n
-                        if on_tokens is not None:
-                            on_tokens(n)
+                    if counter.counts_tokens:
+                        n = got
+                    else:
+                        # Text has no token boundaries: count the answer's share of its
+                        # known length, so throughput windows see partial answers too.
+                        n = counter.size * ask.tokens // max(ask.text_bytes, 1) - result.tokens
+                    result.tokens += n
+                    if on_tokens is not None and n:
+                        on_tokens(n)
                 if slow_read is not None:
                     await asyncio.sleep(slow_read[1])
         result.total = time.perf_counter() - t0
-        if isinstance(counter, _ByteCounter):
-            if counter.size != ask.text_bytes:
-                result.error = f"text body of {counter.size} bytes, expected {ask.text_bytes}"
+        if not counter.counts_tokens:
+            if counter.size != ask.text_bytes:  # type: ignore[union-attr]
+                result.error = f"answer of {counter.size} bytes, expected {ask.text_bytes}"  # type: ignore[union-attr]
                 return result
-            result.tokens = ask.tokens
-            if on_tokens is not None:
-                on_tokens(ask.tokens)
         elif result.tokens != ask.tokens:
             result.error = f"{result.tokens} tokens, expected {ask.tokens}"
             return result

@@ -7,6 +7,8 @@ import httpx
 import pytest
 
 from servers import RelayServer, SimServer
+from tokenrelay.providers.simulator import SimOptions, answer_tokens
+from tokenrelay.schemas import ChatRequest
 from streams import chat, event_data, read_stream
 
 
@@ -197,7 +199,10 @@ def test_sse_failure_midway_is_an_error_event(relay_server: RelayServer) -> None
     result = read_stream(relay_server.url, chat(model="sim:fault=error-mid,tps=0,tokens=20"), sse=True)
     assert result.error is None
     events = result.events()
-    assert [e.event for e in events].count("message") == 10
+    model = "sim:fault=error-mid,tps=0,tokens=20"
+    first_half = answer_tokens(ChatRequest.model_validate(chat(model=model)), SimOptions().with_model(model))[:10]
+    # Tokens the relay read together may share an event; the text is the first half, exactly.
+    assert "".join(event_data(e)["text"] for e in events if e.event == "message") == "".join(first_half)
     assert events[-1].event == "error"
     error = event_data(events[-1])["error"]
     assert error["type"] == "upstream_error"
@@ -214,7 +219,10 @@ def test_sse_stall_then_continue(start_relay, sim_server: SimServer) -> None:
     relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_HEARTBEAT_INTERVAL="0.2")
     result = read_stream(relay.url, chat(model="sim:fault=stall,stall=1,at=2,tps=0,tokens=4"), sse=True)
     events = result.events()
-    assert [e.event for e in events] == ["start", "message", "message", "message", "message", "done"]
+    kinds = [e.event for e in events]
+    # Two tokens before the stall and two after; tokens read together may share an event.
+    assert kinds[0] == "start" and kinds[-1] == "done" and set(kinds[1:-1]) == {"message"}
+    assert 2 <= len(kinds) - 2 <= 4
     assert result.body.count(b": ping") >= 2
 
 

@@ -6,6 +6,7 @@ the same provider runs against the real simulator in the route tests."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import httpx
 import orjson
@@ -82,9 +83,18 @@ def test_every_split_gives_the_same_deltas(texts, eol, multiline, comments, cuts
     ) + frame(chunk(finish="stop"), eol, False) + frame(chunk(usage=usage), eol, multiline) + f"data: [DONE]{eol}{eol}"
     deltas = run(split(stream.encode(), cuts))
     assert "".join(d.text for d in deltas) == "".join(texts)
-    assert [d.text for d in deltas if d.text] == texts
+    # Tokens read together arrive as one piece, but a token is never cut in two.
+    ends = set(itertools.accumulate(len(t) for t in texts))
+    assert set(itertools.accumulate(len(d.text) for d in deltas if d.text)) <= ends
     assert deltas[-2].finish_reason == "stop"
     assert deltas[-1].usage == Usage(3, len(texts), 3 + len(texts))
+
+
+def test_tokens_read_together_are_one_piece_and_tokens_read_apart_are_not() -> None:
+    events = [frame(chunk(t), "\n", False).encode() for t in ("a", "b", "c")]
+    end = (frame(chunk(finish="stop"), "\n", False) + "data: [DONE]\n\n").encode()
+    assert [d.text for d in run([b"".join(events) + end])] == ["abc", ""]
+    assert [d.text for d in run([*events, end])] == ["a", "b", "c", ""]
 
 
 @given(cuts=st.lists(st.integers(min_value=0), max_size=10))

@@ -190,7 +190,9 @@ def test_slow_model_text_gets_the_proxy_timeout_but_sse_with_heartbeats_survives
         assert result.error is None
         events = result.events()
         assert events[0].event == "start" and events[-1].event == "done"
-        assert len([e for e in events if e.event == "message"]) == 3
+        # Three tokens; tokens the relay read together may share an event.
+        assert 1 <= len([e for e in events if e.event == "message"]) <= 3
+        assert event_data(events[-1])["usage"]["completion_tokens"] == 3
         assert result.decoded.count(b": ping\n\n") >= 2
 
 

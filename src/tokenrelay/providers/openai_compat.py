@@ -125,14 +125,38 @@ class OpenAICompatible:
         chunks = response.aiter_raw()
         try:
             async for chunk in chunks:
+                # Text from one network read is one Delta: it arrived at one moment, so
+                # sending it on as one piece delays nothing, and costs the relay and the
+                # client one write and one read instead of one per token (docs/performance.md).
+                texts: list[str] = []
+                failure: UpstreamError | None = None
+                done = False
                 for event in decoder.feed(chunk):
                     if event.data == "[DONE]":
-                        await _drain(chunks)
-                        return
-                    delta = _delta(event.data)
-                    if delta is not None:
-                        finished = finished or delta.finish_reason is not None
-                        yield delta
+                        done = True
+                        break
+                    try:
+                        delta = _delta(event.data)
+                    except UpstreamError as exc:
+                        failure = exc
+                        break
+                    if delta is None:
+                        continue
+                    if delta.finish_reason is None and delta.usage is None:
+                        texts.append(delta.text)
+                        continue
+                    if texts:
+                        yield Delta(text="".join(texts))
+                        texts = []
+                    finished = finished or delta.finish_reason is not None
+                    yield delta
+                if texts:
+                    yield Delta(text="".join(texts))
+                if failure is not None:
+                    raise failure
+                if done:
+                    await _drain(chunks)
+                    return
         except httpx.TransportError as exc:
             if _timed_out(exc):
                 raise UpstreamTimeout("upstream went silent mid-stream") from None
