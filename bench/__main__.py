@@ -20,15 +20,18 @@ from .sizes import PRESETS
 @click.option("--full", "size", flag_value="full", default=True, help="The full run (a few minutes).  [default]")
 @click.option("--peers", is_flag=True, help="Also measure LiteLLM's proxy and Portkey's gateway (installed into "
               "bench/.peers/ on first use).")
-@click.option("--before", default=None, metavar="GITREF",
-              help="Also run tokenrelay as of this git commit, side by side (targets before-text, before-sse).")
+@click.option("--before", multiple=True, metavar="GITREF",
+              help="Also run tokenrelay as of this git commit, side by side (targets @REF-text, @REF-sse); "
+                   "repeatable.")
+@click.option("--targets", default=None, metavar="direct,tokenrelay-text,…",
+              help="Measure only these targets (direct is always measured: it is the floor).")
 @click.option("--only", default=None, metavar="W0,W2,…", help="Run only these workloads.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write <date>.md/.json/.png.  [default: bench/results for a full run, "
                    "bench/results/tmp otherwise]")
 @click.option("--readme/--no-readme", default=None,
               help="Update the README's benchmark table.  [default: only for a full run into bench/results]")
-def main(size: str, peers: bool, before: str | None, only: str | None, out_dir: Path | None, readme: bool | None) -> None:
+def main(size: str, peers: bool, before: tuple[str, ...], targets: str | None, only: str | None, out_dir: Path | None, readme: bool | None) -> None:
     """Measure what tokenrelay adds to a stream: against the simulator directly, nginx, a
     minimal Starlette + httpx relay, and (--peers) LiteLLM and Portkey — workloads W0–W5."""
     from .report import update_readme, write_all
@@ -55,6 +58,13 @@ def main(size: str, peers: bool, before: str | None, only: str | None, out_dir: 
     try:
         log(f"starting servers (logs in {bench.log_dir}) …")
         bench.start()
+        if targets:
+            keep = {"direct", *(t.strip() for t in targets.split(","))}
+            unknown_targets = keep - set(bench.targets)
+            if unknown_targets:
+                raise click.BadParameter(f"no target(s) {', '.join(sorted(unknown_targets))} in this run "
+                                         f"(there are: {', '.join(bench.targets)})", param_hint="--targets")
+            bench.targets = {k: v for k, v in bench.targets.items() if k in keep}
         log("targets: " + ", ".join(bench.targets))
         results = _run(bench.run())
     finally:

@@ -16,12 +16,13 @@ Targets (what a stream goes through on its way from the simulator to the load ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,7 +80,7 @@ class Bench:
     out_dir: Path
     log_dir: Path
     with_peers: bool = False
-    before: str | None = None  # a git ref: its tokenrelay runs beside this one as "before-*"
+    before: tuple[str, ...] = ()  # git refs: their tokenrelay runs beside this one as "<ref>-text/-sse"
     only: tuple[str, ...] = WORKLOADS
     log: Callable[[str], None] = print
     servers: dict[str, Server] = field(default_factory=dict)
@@ -124,14 +125,14 @@ class Bench:
                 self._add("nginx+tokenrelay-v1", front.url, OPENAI, "tokenrelay")
         elif nginx.shipped_config() is None:
             self.notes.append("no shipped nginx config (deploy/nginx/tokenrelay.conf): nginx+tokenrelay not measured")
-        if self.before:
-            src = export_source(self.before, self.log_dir / "before")
-            old = start_tokenrelay(self.log_dir, upstream, name="before", src=src).wait_ready()
-            self.servers["before"] = old
-            self._add("before-text", old.url, TEXT, "before")
-            self._add("before-sse", old.url, TR_SSE, "before")
-            self.notes.append(f"before-*: tokenrelay as of {self.before} "
-                              f"({git_describe(self.before)}), run beside this checkout")
+        for ref in self.before:
+            label = "@" + ref
+            src = export_source(ref, self.log_dir / f"src-{len(self.servers)}")
+            old = start_tokenrelay(self.log_dir, upstream, name=label, src=src).wait_ready()
+            self.servers[label] = old
+            self._add(f"{label}-text", old.url, TEXT, label)
+            self._add(f"{label}-sse", old.url, TR_SSE, label)
+            self.notes.append(f"{label}-*: tokenrelay as of {ref} ({git_describe(ref)}), run beside this checkout")
         base = self.servers["baseline"]
         self._add("baseline-text", base.url, TEXT, "baseline")
         self._add("baseline-v1", base.url, OPENAI, "baseline")
@@ -192,8 +193,28 @@ class Bench:
                     if not result.ok:
                         raise RuntimeError(f"{target.name} does not stream: {result.error}")
 
-    def _relays(self) -> list[str]:
-        return [n for n in self.targets if n != "direct"]
+    @contextlib.asynccontextmanager
+    async def fresh_relay(self, name: str) -> AsyncIterator[tuple[Server, Target]]:
+        """A new tokenrelay process for a memory measurement, so what earlier workloads left
+        in the heap does not hide (or inflate) this one's growth."""
+        server = start_tokenrelay(self.log_dir, self.servers["sim"].url + "/v1", name=f"tokenrelay-{name}-fresh")
+        try:
+            server.wait_ready()
+            target = Target(name, server.url, self.targets[name].wire)
+            await run_streams(target, make_ask(ttft=0, tps=0, tokens=20), concurrency=4, per_worker=5)
+            yield server, target
+        finally:
+            server.stop()
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait until the simulator has no stream open: every stream cut at a deadline has
+        been let go by the relay in between, so the next measurement starts clean."""
+        deadline = time.monotonic() + timeout
+        while (await sim_stats(self.servers["sim"]))["open_streams"] > 0:
+            if time.monotonic() > deadline:
+                self.log("  (streams still open at the simulator after the settle timeout)")
+                return
+            await asyncio.sleep(0.02)
 
     # W0: sequential per-request overhead, interleaved rounds -----------------------------
 
@@ -244,6 +265,7 @@ class Bench:
             run = await run_streams(target, ask, concurrency=s.w1_streams, per_worker=s.w1_waves,
                                     stagger=stagger, deadline=s.w1_tokens * s.w1_interval * s.w1_waves * 4 + 30)
             out[name] = summarize(run)
+            await self.settle()
             self.log(f"  W1 {name}: ttft p99 {out[name]['ttft_ms']['p99']} ms, gap p99 {out[name]['gap_ms']['p99']} ms,"
                      f" errors {out[name]['errors']}")
         direct = out["direct"]
@@ -264,6 +286,7 @@ class Bench:
         run = await run_streams(target, ask, concurrency=concurrency, per_worker=10**9, deadline=seconds,
                                 keep_gaps=False)
         cpu, sim_cpu = server.cpu_seconds() - cpu0, sim.cpu_seconds() - sim0
+        await self.settle()
         figures = summarize(run)
         return {
             "tokens_per_s": figures["tokens_per_s"],
@@ -306,8 +329,8 @@ class Bench:
         ask = make_ask(ttft=0, tps=1 / s.w3_interval, tokens=tokens)
         out: dict[str, Any] = {}
         for name in [n for n in ("tokenrelay-sse", "tokenrelay-v1") if n in self.targets]:
-            server = self.servers[self.relay_of[name]]
-            out[name] = await self._many_streams(self.targets[name], server, ask)
+            async with self.fresh_relay(name) as (server, target):
+                out[name] = await self._many_streams(target, server, ask)
             self.log(f"  W3 {name}: {out[name]['kb_per_stream']} KB/stream, stalled {out[name]['stalled_streams']},"
                      f" completed {out[name]['completed']}/{out[name]['streams']}")
         return {"params": {"streams": s.w3_streams, "interval_ms": s.w3_interval * 1000, "tokens": tokens,
@@ -318,20 +341,17 @@ class Bench:
         s = self.sizes
         idle = server.rss()
         peak = idle
-        open_at_peak = 0
         samples: list[tuple[float, int, int]] = []
         t0 = time.perf_counter()
 
         async def sample() -> None:
-            nonlocal peak, open_at_peak
+            nonlocal peak
             while True:
                 await asyncio.sleep(0.25)
                 rss = server.rss()
                 opened = sum(1 for r in results_ref if r.ttft is not None and r.total is None and r.error is None)
                 samples.append((round(time.perf_counter() - t0, 2), rss, opened))
-                if rss > peak:
-                    peak = rss
-                    open_at_peak = opened
+                peak = max(peak, rss)
 
         results_ref: list[loadgen.StreamResult] = []
         session = make_session(timeout=s.w3_seconds * 4 + 60)
@@ -340,11 +360,14 @@ class Bench:
                                      s.w3_seconds * 3 + s.w3_ramp + 30, session, results_ref, sample)
         finally:
             await session.close()
+        await self.settle(timeout=30)
         stall_limit = 3 * s.w3_interval
         stalled = [r for r in run.streams if r.gaps and max(r.gaps) > stall_limit]
         ok = sum(1 for r in run.streams if r.ok)
         max_open = max((o for _, _, o in samples), default=0)
-        growth = max(0, peak - idle)
+        # Memory per stream at the moment the most streams were open at once.
+        rss_at_most = max((r for _, r, o in samples if o == max_open), default=idle)
+        growth = max(0, rss_at_most - idle)
         errors = sorted({r.error for r in run.streams if r.error})[:3]
         return {
             "streams": len(run.streams),
@@ -360,8 +383,8 @@ class Bench:
                         "max": ms(max((r.ttft for r in run.streams if r.ttft), default=None))},
             "relay_rss_idle_mb": round(idle / 2**20, 1),
             "relay_rss_peak_mb": round(peak / 2**20, 1),
-            "open_at_peak": open_at_peak,
-            "kb_per_stream": round(growth / 1024 / max(open_at_peak, 1), 1),
+            "rss_at_most_open_mb": round(rss_at_most / 2**20, 1),
+            "kb_per_stream": round(growth / 1024 / max(max_open, 1), 1),
             "rss_samples": [(t, round(r / 2**20, 1), o) for t, r, o in samples[:: max(1, len(samples) // 40)]],
         }
 
@@ -372,8 +395,8 @@ class Bench:
         ask = make_ask(ttft=0, tps=0, tokens=s.w4_tokens)
         out: dict[str, Any] = {}
         for name in [n for n in ("tokenrelay-sse", "tokenrelay-text") if n in self.targets]:
-            server = self.servers[self.relay_of[name]]
-            out[name] = await self._slow_readers(self.targets[name], server, ask)
+            async with self.fresh_relay(name) as (server, target):
+                out[name] = await self._slow_readers(target, server, ask)
             self.log(f"  W4 {name}: relay +{out[name]['relay_rss_growth_mb']} MB for {s.w4_readers} slow readers,"
                      f" upstream finished {out[name]['upstream_finished']}")
         return {"params": {"readers": s.w4_readers, "tokens": s.w4_tokens, "model": ask.model,
@@ -403,6 +426,7 @@ class Bench:
             sim_during = await sim_stats(sim)
         finally:
             await session.close()
+        await self.settle()
         finished = sim_during["completed_streams"] - sim_before["completed_streams"]
         growth = max(0, peak - idle)
         rate = s.w4_read_bytes / s.w4_read_pause
@@ -482,15 +506,18 @@ async def sim_stats(sim: Server) -> dict[str, int]:
 
 
 def has_v1(url: str) -> bool:
+    """Whether this tokenrelay serves ``POST /v1/chat/completions`` (an empty body is refused
+    with 4xx by the route, and 404/405 without it)."""
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url + "/v1/models")
+    req = urllib.request.Request(url + "/v1/chat/completions", data=b"{}", method="POST",
+                                 headers={"content-type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status == 200
-    except urllib.error.HTTPError:
-        return False
+        with urllib.request.urlopen(req, timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code not in (404, 405)
     except OSError:
         return False
 
