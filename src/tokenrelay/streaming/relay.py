@@ -13,6 +13,7 @@ answer that looks complete.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -181,6 +182,7 @@ class RelayResponse:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     record.chunks += 1
                     record.bytes_out += len(body)
+                    await _yield_to_others()
                 if delta.finish_reason is not None or delta.usage is not None:
                     record.note(delta)
         except UpstreamError as exc:
@@ -222,6 +224,7 @@ class RelayResponse:
                     self._last_send = time.monotonic()
                     record.chunks += 1
                     record.bytes_out += len(body)
+                    await _yield_to_others()
                 if delta.finish_reason is not None or delta.usage is not None:
                     record.note(delta)
             closing = sse.done(record.finish_reason, record.usage)
@@ -282,6 +285,17 @@ class RelayResponse:
         record.bytes_out = len(body)
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _yield_to_others() -> None:
+    """Let the event loop run other tasks between two pieces.
+
+    Neither the server's ``send`` (while the socket takes the bytes) nor the upstream read
+    (while data is buffered) waits, so without this a fast upstream would keep one stream
+    running to its end: every other stream, new requests and this stream's own disconnect
+    listener would wait — a departed client's answer was relayed to nobody in full, and the
+    next request waited up to seconds (docs/performance.md)."""
+    await asyncio.sleep(0)
 
 
 async def _close(deltas: AsyncIterator[Delta]) -> None:
