@@ -8,15 +8,12 @@ response in ``finally`` — which is how a departed client stops the model.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import anyio
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 
 from ..config import Settings
 from ..errors import (
@@ -28,6 +25,7 @@ from ..errors import (
 from ..schemas import ChatRequest
 from ..streaming.sse_decoder import SSEDecoder
 from .base import Delta, Usage, error_for_status
+from .transport import UpstreamTransport
 
 
 def make_client(settings: Settings, *, connect_timeout: float | None = None,
@@ -43,11 +41,8 @@ def make_client(settings: Settings, *, connect_timeout: float | None = None,
         write=connect,
         pool=connect,
     )
-    # httpx's API with aiohttp's C-parsed HTTP/1.1 underneath (as openai-python's aiohttp
-    # option does): a quarter of the CPU per streamed token of httpx's own h11 transport
-    # (docs/performance.md).
     return httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False,
-                             transport=AiohttpTransport(limits=limits))
+                             transport=UpstreamTransport(limits=limits))
 
 
 class OpenAICompatible:
@@ -91,10 +86,10 @@ class OpenAICompatible:
         http_request = self._client.build_request("POST", self.url, content=body, headers=headers)
         try:
             response = await self._client.send(http_request, stream=True)
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream did not answer in time") from None
         except httpx.TransportError as exc:
-            if _timed_out(exc):
-                raise UpstreamTimeout("upstream did not answer in time") from None
-            raise UpstreamUnavailable(f"cannot reach upstream: {_describe(exc)}") from None
+            raise UpstreamUnavailable(f"cannot reach upstream: {exc or type(exc).__name__}") from None
         if response.status_code != 200:
             try:
                 raw = await response.aread()
@@ -157,10 +152,10 @@ class OpenAICompatible:
                 if done:
                     await _drain(chunks)
                     return
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream went silent mid-stream") from None
         except httpx.TransportError as exc:
-            if _timed_out(exc):
-                raise UpstreamTimeout("upstream went silent mid-stream") from None
-            raise UpstreamUnavailable(f"upstream connection lost mid-stream: {_describe(exc)}") from None
+            raise UpstreamUnavailable(f"upstream connection lost mid-stream: {exc or type(exc).__name__}") from None
         finally:
             await response.aclose()
         if not finished:  # some servers omit [DONE]; a finish_reason is as good an ending
@@ -184,23 +179,6 @@ class OpenAICompatible:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def _timed_out(exc: httpx.TransportError) -> bool:
-    """Whether the upstream was too slow, as opposed to unreachable or gone.
-
-    Behind the aiohttp transport, httpx's exception type is a coarse guess (a refused
-    connection arrives as ``ConnectTimeout``); the aiohttp error it was raised from says
-    what really happened."""
-    cause = exc.__cause__
-    if isinstance(cause, aiohttp.ClientError):
-        return isinstance(cause, asyncio.TimeoutError)
-    return isinstance(exc, httpx.TimeoutException)
-
-
-def _describe(exc: httpx.TransportError) -> str:
-    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
-    return str(cause) or type(cause).__name__
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:

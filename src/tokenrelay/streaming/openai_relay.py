@@ -40,7 +40,7 @@ from ..providers.openai_compat import OpenAICompatible
 from ..routing import Attempts, Router, Upstream
 from ..schemas import ChatRequest, chat_from_openai
 from .openai_chunks import DONE, ChunkEncoder, Completion, error_event
-from .relay import StreamObserver, StreamRecord, _log_request
+from .relay import StreamObserver, StreamRecord, _log_request, yield_to_others
 from .sse_watch import StreamWatch
 
 Send = Any
@@ -143,6 +143,7 @@ class V1Response:
                     record.first_token = time.perf_counter()
                 record.bytes_out += len(chunk)
                 watch.feed(chunk)
+                await yield_to_others()
         except httpx.TimeoutException:
             failure = UpstreamTimeout("upstream went silent mid-stream")
         except httpx.TransportError as exc:
@@ -221,6 +222,7 @@ class V1Response:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     record.chunks += 1
                     record.bytes_out += len(body)
+                    await yield_to_others()
             closing = DONE
         except UpstreamError as exc:
             record.fail(exc, midway=True)

@@ -182,7 +182,7 @@ class RelayResponse:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     record.chunks += 1
                     record.bytes_out += len(body)
-                    await _yield_to_others()
+                    await yield_to_others()
                 if delta.finish_reason is not None or delta.usage is not None:
                     record.note(delta)
         except UpstreamError as exc:
@@ -224,7 +224,7 @@ class RelayResponse:
                     self._last_send = time.monotonic()
                     record.chunks += 1
                     record.bytes_out += len(body)
-                    await _yield_to_others()
+                    await yield_to_others()
                 if delta.finish_reason is not None or delta.usage is not None:
                     record.note(delta)
             closing = sse.done(record.finish_reason, record.usage)
@@ -287,7 +287,7 @@ class RelayResponse:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _yield_to_others() -> None:
+async def yield_to_others() -> None:
     """Let the event loop run other tasks between two pieces.
 
     Neither the server's ``send`` (while the socket takes the bytes) nor the upstream read
