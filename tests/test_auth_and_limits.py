@@ -358,3 +358,15 @@ def test_cors_is_off_by_default(relay_server: RelayServer) -> None:
     answer = post(relay_server, None, origin=ALLOWED)
     assert answer.status_code == 200
     assert "access-control-allow-origin" not in answer.headers
+
+
+def test_doctor_sends_the_key(keyed: RelayServer, keys: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENRELAY_API_KEY", raising=False)
+    fast = ["--ticks", "4", "--interval", "0.1"]
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["doctor", keyed.url, *fast], catch_exceptions=False)
+    assert refused.exit_code == 1
+    assert "answered 401" in refused.stdout and "--key" in refused.stdout
+    given = runner.invoke(cli, ["doctor", keyed.url, *fast, "--key", keys[0]], catch_exceptions=False)
+    assert given.exit_code == 0, given.output
+    assert "Result: OK" in given.stdout

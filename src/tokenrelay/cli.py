@@ -270,8 +270,10 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
               help="Ticks per probe.")
 @click.option("--interval", type=click.FloatRange(0.05, 10), default=0.25, show_default=True,
               help="Seconds between ticks; raise it on a link whose latency jitters more than that.")
+@click.option("--key", default=None, envvar="TOKENRELAY_API_KEY",
+              help="Client key, for a tokenrelay that requires one (env TOKENRELAY_API_KEY).")
 def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, proxy: str | None, ticks: int,
-           interval: float) -> None:
+           interval: float, key: str | None) -> None:
     """Check that a deployed tokenrelay streams through whatever is in front of it.
 
     \b
@@ -294,7 +296,7 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     if not as_json:
         extra = f", then {idle:g} s of silence" if idle else ""
         click.echo(f"probing {url} (about {2 * (ticks - 1) * interval:.0f} s{extra})…", err=True)
-    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval)
+    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval, key=key)
     if as_json:
         click.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:

@@ -246,23 +246,25 @@ class _TickReader:
         return found
 
 
-def _client(timeout: float) -> httpx.Client:
+def _client(timeout: float, key: str | None = None) -> httpx.Client:
     try:
         import h2  # noqa: F401  (HTTP/2 when the server offers it, as browsers do)
         http2 = True
     except ImportError:
         http2 = False
     return httpx.Client(
-        headers=BROWSER_HEADERS, http2=http2, follow_redirects=True,
+        headers={**BROWSER_HEADERS, **({"authorization": f"Bearer {key}"} if key else {})},
+        http2=http2, follow_redirects=True,
         timeout=httpx.Timeout(connect=10.0, read=timeout, write=10.0, pool=10.0),
     )
 
 
-def run_probe(base: str, mode: Mode, *, ticks: int = TICKS, interval: float = INTERVAL) -> Probe:
+def run_probe(base: str, mode: Mode, *, ticks: int = TICKS, interval: float = INTERVAL,
+              key: str | None = None) -> Probe:
     url = probe_url(base, ticks=ticks, interval=interval)
     probe = Probe(mode=mode, url=url, expected_ticks=ticks, intended_spread=(ticks - 1) * interval)
     headers = {"accept": "text/event-stream"} if mode == "sse" else {}
-    with _client(timeout=ticks * interval + 30) as client:
+    with _client(timeout=ticks * interval + 30, key=key) as client:
         began = time.perf_counter()
         try:
             with client.stream("GET", url, headers=headers) as response:
@@ -303,14 +305,14 @@ def _read(probe: Probe, response: httpx.Response, began: float) -> None:
     probe.complete = len(probe.ticks) == probe.expected_ticks or decoder.decompress is None
 
 
-def run_idle_probe(base: str, seconds: float) -> IdleProbe:
+def run_idle_probe(base: str, seconds: float, *, key: str | None = None) -> IdleProbe:
     """One tick at once, then ``seconds`` of silence, then the last tick.
 
     The silence is timed from the request: the probe sends its first tick at once, and a
     proxy that buffers would hide from doctor when that was."""
     url = probe_url(base, ticks=2, interval=0, idle=seconds)
     idle = IdleProbe(url=url, seconds=seconds)
-    with _client(timeout=seconds + 30) as client:
+    with _client(timeout=seconds + 30, key=key) as client:
         began = time.perf_counter()
         try:
             with client.stream("GET", url, headers={"accept": "text/plain"}) as response:
@@ -616,10 +618,10 @@ class Report:
 
 
 def diagnose(url: str, *, direct: str | None = None, idle: float | None = None, proxy: str | None = None,
-             ticks: int = TICKS, interval: float = INTERVAL) -> Report:
+             ticks: int = TICKS, interval: float = INTERVAL, key: str | None = None) -> Report:
     report = Report(url=url)
     try:
-        report.probes = [run_probe(url, mode, ticks=ticks, interval=interval) for mode in ("text", "sse")]
+        report.probes = [run_probe(url, mode, ticks=ticks, interval=interval, key=key) for mode in ("text", "sse")]
     except Unreachable as exc:
         report.reachable = False
         report.unreachable_reason = str(exc)
@@ -635,7 +637,7 @@ def diagnose(url: str, *, direct: str | None = None, idle: float | None = None, 
     report.findings.extend(_judge(report.probes, name))
     if idle:
         try:
-            report.idle = run_idle_probe(url, idle)
+            report.idle = run_idle_probe(url, idle, key=key)
         except Unreachable as exc:
             report.findings.append(Finding("problem", "unreachable", f"The idle probe got no answer: {exc}."))
         else:
@@ -643,7 +645,8 @@ def diagnose(url: str, *, direct: str | None = None, idle: float | None = None, 
     if direct:
         report.direct_url = direct
         try:
-            report.direct = [run_probe(direct, mode, ticks=ticks, interval=interval) for mode in ("text", "sse")]
+            report.direct = [run_probe(direct, mode, ticks=ticks, interval=interval, key=key)
+                             for mode in ("text", "sse")]
         except Unreachable as exc:
             report.direct_unreachable = str(exc)
             report.findings.append(Finding("problem", "direct_unreachable", f"No answer from {direct}: {exc}."))
@@ -714,6 +717,8 @@ def _no_probe(probe: Probe, proxy: str) -> Finding:
         return Finding("problem", "no_probe", message)
     excerpt = f" ({probe.body_excerpt[:120]})" if probe.body_excerpt else ""
     fixes = []
+    if probe.status == 401:
+        fixes.append("This tokenrelay requires a client key: pass one with --key (or TOKENRELAY_API_KEY).")
     if probe.status in (502, 503, 504):
         fixes.append("Check that tokenrelay runs and that the proxy's upstream address points at it "
                      "(`tokenrelay serve --host`/`--port`).")
