@@ -83,7 +83,7 @@ def test_shipped_config_streams_like_direct(kind: str, sse: bool, relay_server: 
 
 
 @pytest.mark.parametrize("kind", ["nginx", "caddy", "haproxy"])
-def test_shipped_config_passes_the_page_and_forwarded_headers(kind: str, relay_server: RelayServer) -> None:
+def test_shipped_config_serves_the_page_and_health(kind: str, relay_server: RelayServer) -> None:
     with START[kind](relay_server.url) as proxy:
         response = httpx.get(proxy.url + "/healthz", headers=BROWSER, timeout=10)
         assert response.status_code == 200, proxy.log()
@@ -194,6 +194,19 @@ def test_slow_model_text_gets_the_proxy_timeout_but_sse_with_heartbeats_survives
         assert 1 <= len([e for e in events if e.event == "message"]) <= 3
         assert event_data(events[-1])["usage"]["completion_tokens"] == 3
         assert result.decoded.count(b": ping\n\n") >= 2
+
+
+@pytest.mark.parametrize("kind", ["nginx", "caddy", "haproxy"])
+def test_the_apps_own_timeout_answers_before_the_proxys(
+        kind: str, start_relay: Callable[..., RelayServer], sim_server: SimServer) -> None:
+    """The shipped proxies wait longer (180 s) than tokenrelay waits for its model (120 s), so
+    a stuck model gets tokenrelay's JSON 504, not the proxy's page. Here 1 s against 2 s."""
+    relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_READ_TIMEOUT="1")
+    with start_with_timeout(kind, relay.url) as proxy:
+        response = httpx.post(proxy.url + "/api/get-response", json=chat(model=SLOW), headers=BROWSER, timeout=10)
+        assert response.status_code == 504
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"]["type"] == "upstream_timeout"
 
 
 @pytest.mark.parametrize("kind", ["nginx", "caddy", "haproxy"])
