@@ -128,6 +128,16 @@ def test_a_url_that_is_not_tokenrelay_is_a_problem(relay_server: RelayServer) ->
     assert "answered 404 without tokenrelay's probe" in result.stdout
 
 
+def test_a_service_with_client_keys_needs_key(start_relay) -> None:
+    relay = start_relay(upstream=None, TOKENRELAY_API_KEYS="tr-doctor-test-key")
+    refused = doctor(relay.url, *FAST)
+    assert refused.exit_code == 1
+    assert "requires a client key" in refused.stdout and "--key" in refused.stdout
+    result = doctor(relay.url, "--key", "tr-doctor-test-key", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "Result: OK" in result.stdout
+
+
 def test_json_report(relay_server: RelayServer) -> None:
     result = doctor(relay_server.url, "--json", "--direct", relay_server.url, "--idle", "1", *FAST)
     assert result.exit_code == 0, result.output
@@ -160,7 +170,7 @@ def test_unreachable_json() -> None:
 def test_help_explains_every_option() -> None:
     result = CliRunner().invoke(cli, ["doctor", "--help"])
     assert result.exit_code == 0
-    for option in ("--direct", "--idle", "--json", "--proxy", "--ticks", "--interval", "Exit status"):
+    for option in ("--direct", "--idle", "--json", "--proxy", "--ticks", "--interval", "--key", "Exit status"):
         assert option in result.stdout
 
 
