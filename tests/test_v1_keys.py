@@ -5,6 +5,7 @@ over a limit, the slot free again once the SDK closes its stream."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -25,8 +26,19 @@ def relay(start_relay, sim_server: SimServer, key: str) -> RelayServer:
                        TOKENRELAY_MAX_CONCURRENT_STREAMS_PER_KEY="1")
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def close_clients() -> Iterator[None]:
+    yield  # an unclosed client's pooled socket is a ResourceWarning, an error in a later test
+    while _clients:
+        _clients.pop().close()
+
+
 def client(relay: RelayServer, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=relay.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    _clients.append(openai.OpenAI(base_url=relay.url + "/v1", api_key=key, max_retries=0, timeout=30))
+    return _clients[-1]
 
 
 def test_wrong_key_raises_authentication_error(relay: RelayServer) -> None:
