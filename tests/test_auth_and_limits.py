@@ -219,6 +219,24 @@ def test_concurrent_streams_per_key(start_relay, sim_server: SimServer) -> None:
     assert post(relay, one).status_code == 200
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["memory", "redis"])
+def test_one_request_after_another_is_never_refused(start_relay, sim_server: SimServer, redis_url: str,
+                                                    shared: bool) -> None:
+    """The slot is given back a moment after the client has read the last byte; a client
+    that asks again at once waits for it instead of being refused by its own last request."""
+    key = new_key()
+    relay = start_relay(upstream=sim_upstream(sim_server), TOKENRELAY_API_KEYS=key,
+                        TOKENRELAY_MAX_CONCURRENT_STREAMS_PER_KEY="1",
+                        **({"TOKENRELAY_REDIS_URL": redis_url} if shared else {}))
+    with httpx.Client(timeout=30, headers=bearer(key)) as client:  # one kept-alive connection
+        statuses = [
+            client.post(relay.url + path, json=chat("hi", model="sim:ttft=0,tps=0,tokens=3"),
+                        headers={"accept": "text/event-stream"}).status_code
+            for _ in range(15) for path in ("/api/get-response", "/v1/chat/completions")
+        ]
+    assert statuses == [200] * 30
+
+
 def test_concurrency_counts_one_shot_and_sse_requests(start_relay, sim_server: SimServer) -> None:
     key = new_key()
     relay = start_relay(upstream=sim_upstream(sim_server), TOKENRELAY_API_KEYS=key,

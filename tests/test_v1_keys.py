@@ -5,7 +5,6 @@ over a limit, the slot free again once the SDK closes its stream."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -26,42 +25,38 @@ def relay(start_relay, sim_server: SimServer, key: str) -> RelayServer:
                        TOKENRELAY_MAX_CONCURRENT_STREAMS_PER_KEY="1")
 
 
-_clients: list[openai.OpenAI] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def close_clients() -> Iterator[None]:
-    yield  # an unclosed client's pooled socket is a ResourceWarning, an error in a later test
-    while _clients:
-        _clients.pop().close()
-
-
 def client(relay: RelayServer, key: str) -> openai.OpenAI:
-    _clients.append(openai.OpenAI(base_url=relay.url + "/v1", api_key=key, max_retries=0, timeout=30))
-    return _clients[-1]
+    """Used as a context manager: an unclosed client's pooled socket is a ResourceWarning."""
+    return openai.OpenAI(base_url=relay.url + "/v1", api_key=key, max_retries=0, timeout=30)
 
 
 def test_wrong_key_raises_authentication_error(relay: RelayServer) -> None:
-    with pytest.raises(openai.AuthenticationError) as caught:
-        client(relay, "not-the-key").chat.completions.create(model="sim:echo", messages=USER)
-    assert caught.value.status_code == 401
-    assert caught.value.code == "unauthorized"
-    assert caught.value.response.headers["www-authenticate"].startswith("Bearer")
-    with pytest.raises(openai.AuthenticationError):
-        client(relay, "not-the-key").models.list()
+    with client(relay, "not-the-key") as sdk:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            sdk.chat.completions.create(model="sim:echo", messages=USER)
+        assert caught.value.status_code == 401
+        assert caught.value.code == "unauthorized"
+        assert caught.value.response.headers["www-authenticate"].startswith("Bearer")
+        with pytest.raises(openai.AuthenticationError):
+            sdk.models.list()
 
 
 def test_right_key_streams(relay: RelayServer, key: str) -> None:
-    sdk = client(relay, key)
-    assert sdk.chat.completions.create(model="sim:echo,ttft=0,tps=0", messages=USER).choices[0].message.content == "hello"
-    pieces = [c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
-        model="sim:echo,ttft=0,tps=0", messages=USER, stream=True) if c.choices]
-    assert "".join(pieces) == "hello"
-    assert sdk.models.list().data is not None
+    with client(relay, key) as sdk:
+        answer = sdk.chat.completions.create(model="sim:echo,ttft=0,tps=0", messages=USER)
+        assert answer.choices[0].message.content == "hello"
+        pieces = [c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+            model="sim:echo,ttft=0,tps=0", messages=USER, stream=True) if c.choices]
+        assert "".join(pieces) == "hello"
+        assert sdk.models.list().data is not None
 
 
 def test_open_stream_limit_raises_rate_limit_error(relay: RelayServer, key: str) -> None:
-    sdk = client(relay, key)
+    with client(relay, key) as sdk:
+        _limit_then_free(sdk)
+
+
+def _limit_then_free(sdk: openai.OpenAI) -> None:
     stream = sdk.chat.completions.create(model=SLOW, messages=USER, stream=True)
     chunks = iter(stream)
     next(chunks)

@@ -48,6 +48,13 @@ SLOT_LEASE = 60.0
 """Seconds a slot outlives a process that died holding it."""
 BUSY_RETRY_AFTER = 1
 """``Retry-After`` for a client at its limit of open requests: nobody knows when one ends."""
+SLOT_GRACE = 0.5
+"""Seconds a request at the limit of open requests waits for a slot before it is refused.
+
+A slot is given back when the route has returned, a moment after the client read the last
+byte; a client that sends its next request at once (one at a time, as most do) would
+otherwise now and then be refused by its own previous, finished request. Only requests at
+the limit wait; the others pay nothing."""
 
 # Take a slot if fewer than ARGV[1] are open; leases that ran out are dropped first.
 # Redis's clock, not the processes', decides what ran out.
@@ -78,6 +85,7 @@ return #KEYS
 class _MemorySlots:
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
+        self._freed: dict[str, asyncio.Event] = {}  # set when a slot of that client is given back
 
     async def acquire(self, who: str, limit: int) -> str | None:
         count = self._open.get(who, 0)
@@ -85,6 +93,14 @@ class _MemorySlots:
             return None
         self._open[who] = count + 1
         return who
+
+    async def wait_for(self, who: str, limit: int, seconds: float) -> str | None:
+        with anyio.move_on_after(seconds):
+            while True:
+                await self._freed.setdefault(who, asyncio.Event()).wait()
+                if (slot := await self.acquire(who, limit)) is not None:
+                    return slot
+        return None
 
     async def release(self, who: str, slot: str) -> None:
         self.give_back(who)
@@ -95,6 +111,9 @@ class _MemorySlots:
             self._open[who] = count
         else:
             self._open.pop(who, None)
+        freed = self._freed.pop(who, None)
+        if freed is not None:
+            freed.set()
 
     async def aclose(self) -> None:
         pass
@@ -118,6 +137,17 @@ class _RedisSlots:
         if self._renewer is None:
             self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
         return slot
+
+    async def wait_for(self, who: str, limit: int, seconds: float) -> str | None:
+        """Slots are given back by any process: ask again, at growing intervals."""
+        deadline = time.monotonic() + seconds
+        pause = 0.01
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(pause, left))
+            if (slot := await self.acquire(who, limit)) is not None:
+                return slot
+            pause *= 2
+        return None
 
     async def release(self, who: str, slot: str) -> None:
         key = self._held.pop(slot, None)
@@ -209,6 +239,8 @@ class Limiter:
             if not self.concurrent:
                 return _nothing
             slot = await self._slots.acquire(who, self.concurrent)
+            if slot is None:
+                slot = await self._slots.wait_for(who, self.concurrent, SLOT_GRACE)
         except _STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             return _nothing
