@@ -143,3 +143,18 @@ kind = "simulator"
         env.delenv("TEST_ROUTE_KEY", raising=False)
         with pytest.raises(Exception, match="TEST_ROUTE_KEY is not set"):
             load_settings(config)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("not json", "take JSON"),
+    ('[{"pattern": "x"}]', "url is required"),
+    ('[{"pattern": "x", "kind": "simulator", "fallback": "y"}]', "fallback 'y' names no route"),
+    ('[{"pattern": "x", "kind": "bedrock", "url": "http://h/v1"}]', "routes.0.kind"),
+])
+def test_bad_routes_stop_start_up_with_a_message(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                 message: str) -> None:
+    from tokenrelay.config import SettingsError, load_settings
+
+    monkeypatch.setenv("TOKENRELAY_ROUTES", value)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings()

@@ -313,6 +313,10 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**{**merged, **given})
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
+    except ValueError as exc:  # pydantic-settings' own: a list setting's value is not JSON
+        if "error parsing value" not in str(exc):
+            raise
+        raise SettingsError(f"invalid setting: {exc} (list settings such as TOKENRELAY_ROUTES take JSON)") from None
 
 
 def _describe(exc: ValidationError) -> str:
@@ -320,5 +324,6 @@ def _describe(exc: ValidationError) -> str:
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
         env_name = ENV_PREFIX + field.upper() if field in Settings.model_fields else field
-        lines.append(f"invalid setting {env_name} ({field}): {err['msg']}")
+        where = ".".join(str(part) for part in err["loc"]) or field  # routes.0.kind: which entry
+        lines.append(f"invalid setting {env_name} ({where}): {err['msg']}")
     return "\n".join(lines)
