@@ -150,6 +150,7 @@ class Target:
     wire: Wire
     headers: tuple[tuple[str, str], ...] = ()
     model_prefix: str = ""  # some gateways route on a prefix ("openai/…")
+    option_sep: str = ","  # LiteLLM reads "a,b" as two models: the simulator also takes "a;b"
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ async def one_stream(session: aiohttp.ClientSession, target: Target, ask: Ask, *
     if result is None:
         result = StreamResult()
     headers = {"content-type": "application/json", "accept": wire.accept, **dict(target.headers)}
-    body = wire.body(target.model_prefix + ask.model, ask.question)
+    body = wire.body(target.model_prefix + ask.model.replace(",", target.option_sep), ask.question)
     t0 = result.started = time.perf_counter()
     last = 0.0
     try:

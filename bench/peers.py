@@ -9,6 +9,7 @@ everything else; the simulator's options ride in the model name through both.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from .procs import Server, free_port
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 LITELLM_VENV = PEERS_DIR / "litellm-venv"
 PORTKEY_DIR = PEERS_DIR / "portkey"
+NAMES = ("litellm", "portkey")
 LITELLM_SPEC = "litellm[proxy]"
 PORTKEY_SPEC = "@portkey-ai/gateway"
 
@@ -76,13 +78,14 @@ def start_litellm(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -
         "  drop_params: true\n"
         "general_settings: {}\n"
     )
+    key = "sk-" + secrets.token_hex(32)  # the proxy refuses to start without a strong master key
     env = {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_ADMIN_UI": "True",
-           "NO_DOCS": "True", "NO_REDOC": "True"}
+           "NO_DOCS": "True", "NO_REDOC": "True", "LITELLM_MASTER_KEY": key}
     server = Server("litellm", [str(litellm), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                                 "--num_workers", "1"],
                     port=port, log_dir=log_dir, ready_path="/health/liveliness", env=env, start_timeout=180)
-    return server, Target("litellm", server.url, OPENAI, headers=(("authorization", "Bearer sk-bench"),),
-                          model_prefix="openai/")
+    return server, Target("litellm", server.url, OPENAI, headers=(("authorization", f"Bearer {key}"),),
+                          model_prefix="openai/", option_sep=";")
 
 
 def start_portkey(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -> tuple[Server, Target]:

@@ -70,7 +70,8 @@ class Server:
             time.sleep(0.05)
 
     def command(self) -> str:
-        env = " ".join(f"{k}={v}" for k, v in self.env.items() if not k.startswith("PYTHON"))
+        env = " ".join(f"{k}={v}" for k, v in self.env.items()
+                       if not k.startswith("PYTHON") and not k.endswith("_KEY"))
         args = " ".join(a if " " not in a else repr(a) for a in self.args)
         return f"{env} {args}".strip()
 

@@ -12,6 +12,7 @@ Per-request options ride in the model name, so they pass through any client and 
     sim:seed=7                   another deterministic answer
     sim:fault=error-mid          error-before | error-mid | stall | malformed | http-429 | http-500 | http-NNN
     sim:fault=stall,stall=5      go silent for 5 s after ``at`` tokens (default: halfway)
+    sim:ttft=0;tps=0             ';' separates options too, for gateways that split model names on ','
     sim:tools                    call a tool (the request's first, or ``get_weather``);
                                  ``tools=2`` calls two; a request with ``tools`` calls one
 """
@@ -70,7 +71,7 @@ class SimOptions:
         if not spec:
             return self
         changes: dict[str, object] = {}
-        for item in spec.split(","):
+        for item in re.split(r"[,;]", spec):
             key, eq, value = item.strip().partition("=")
             try:
                 if key == "echo" and not eq:
