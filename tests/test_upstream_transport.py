@@ -25,16 +25,25 @@ async def fetch(url: str, *, read: float = 5.0) -> bytes:
 
 
 async def with_server(handler: Handler, *, read: float = 5.0) -> bytes:
+    """Serve one connection with ``handler`` and fetch from it; the server's side of the
+    connection is closed and awaited before returning, whatever the fetch raised."""
+    handled: list[asyncio.Task[None]] = []
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handled.append(asyncio.current_task())  # type: ignore[arg-type]
         try:
             await handler(reader, writer)
         finally:
             writer.close()
+            await writer.wait_closed()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server:
-        return await fetch(f"http://127.0.0.1:{port}/v1/chat/completions", read=read)
+    try:
+        async with server:
+            return await fetch(f"http://127.0.0.1:{port}/v1/chat/completions", read=read)
+    finally:
+        await asyncio.wait_for(asyncio.gather(*handled, return_exceptions=True), 5)
 
 
 def test_refused_connection_is_a_connect_error_not_a_timeout() -> None:
