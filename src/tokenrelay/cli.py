@@ -219,12 +219,18 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
 @click.option("-v", "--verbose", is_flag=True, help="Print time to first token and tokens/s to stderr.")
 @click.option("--key", default=None, envvar="TOKENRELAY_API_KEY",
               help="Client key, for a service that requires one (env TOKENRELAY_API_KEY).")
+@click.option("--job", is_flag=True,
+              help="Submit it as a job (POST /api/jobs) and wait for the answer, with a progress indicator.")
+@click.option("--webhook-url", default=None, help="With --job: also have the answer sent to this URL.")
 def ask(question: str | None, url: str, sse: bool, model: str | None, system: str | None,
-        verbose: bool, key: str | None) -> None:
+        verbose: bool, key: str | None, job: bool, webhook_url: str | None) -> None:
     """Ask a question; print the answer as it arrives.
 
     The question is read from stdin when not given. Exits 1 with a message when the service
     refuses or the stream fails midway, 130 on Ctrl-C (which also stops the model).
+
+    With --job the question becomes a job: the answer is printed when it is complete, and
+    the job's id goes to stderr; Ctrl-C stops waiting but not the job.
     """
     from .ask import AskFailed, stream_answer
 
@@ -239,6 +245,11 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     body: dict[str, Any] = {"messages": messages}
     if model:
         body["model"] = model
+    if job:
+        _ask_job(url.rstrip("/"), body, webhook_url=webhook_url, verbose=verbose, key=key)
+        return
+    if webhook_url:
+        raise click.UsageError("--webhook-url needs --job")
     out = sys.stdout
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
@@ -302,3 +313,92 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     else:
         click.echo(render(report), nl=False)
     sys.exit(report.exit_code)
+
+
+def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose: bool,
+             key: str | None) -> None:
+    import httpx
+
+    from .ask import AskFailed
+    from .jobs import client
+
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+    tty = sys.stderr.isatty()
+
+    def progress(status: str, elapsed: float, frame: str) -> None:
+        if tty:
+            click.echo(f"\r{frame} {status} {elapsed:5.1f} s ", err=True, nl=False)
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    with httpx.Client(timeout=httpx.Timeout(30, connect=10), headers=headers) as http:
+        try:
+            created = client.submit(http, url, body)
+            click.echo(f"job {created['id']} submitted", err=True)
+            ended = client.wait(http, url, created["id"], progress=progress)
+        except AskFailed as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo(f"\nstopped waiting; the job goes on: {url}/api/jobs/{created['id']}", err=True)
+            sys.exit(130)
+    if tty:
+        click.echo("\r\033[K", err=True, nl=False)
+    if ended["status"] != "succeeded":
+        error = ended["error"] or {"type": "job_" + ended["status"], "message": f"the job {ended['status']}"}
+        raise click.ClickException(f"job {ended['id']} {ended['status']}: {error['type']}: {error['message']}")
+    sys.stdout.write(ended["result"]["text"] + "\n")
+    sys.stdout.flush()
+    if verbose:
+        usage = ended["result"]["usage"] or {}
+        click.echo(f"job {ended['id']}: {usage.get('completion_tokens', '?')} tokens, "
+                   f"created {ended['created_at']}, finished {ended['finished_at']}", err=True)
+
+
+@cli.group()
+def webhooks() -> None:
+    """Tools for receiving tokenrelay's webhooks."""
+
+
+@webhooks.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9100, show_default=True, help="Port to listen on.")
+@click.option("--secret", envvar="TOKENRELAY_WEBHOOK_SECRET", default=None,
+              help="The service's signing secret (whsec_…; default: $TOKENRELAY_WEBHOOK_SECRET). "
+                   "Without it signatures are not checked.")
+@click.option("--fail-first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Answer 500 to the first N deliveries, to watch the retries.")
+def listen(host: str, port: int, secret: str | None, fail_first: int) -> None:
+    """Receive webhooks locally: verify each signature, print each delivery.
+
+    \b
+    One line per delivery on stderr (webhook id, event, job, signature check, duplicates),
+    the payload as JSON on stdout. Point a job at it:
+      tokenrelay webhooks listen --port 9100 &
+      curl localhost:8000/api/jobs -H 'content-type: application/json' \\
+        -d '{"messages":[{"role":"user","content":"hi"}],"webhook_url":"http://127.0.0.1:9100/"}'
+    (the service needs TOKENRELAY_WEBHOOK_ALLOW_PRIVATE=true to deliver to loopback).
+    Answers 204 to a delivery whose signature verifies, 401 to one that does not.
+    """
+    import orjson
+    import uvicorn
+
+    from .jobs.listen import Delivery, Receiver, create_listen_app
+
+    def show(delivery: Delivery) -> None:
+        payload = delivery.payload if isinstance(delivery.payload, dict) else {}
+        data = payload.get("data") or {}
+        check = "signature ok" if delivery.verified else ("SIGNATURE INVALID" if secret else "not verified")
+        again = f", duplicate #{delivery.attempt}" if delivery.duplicate else ""
+        click.echo(f"{delivery.webhook_id} {payload.get('type', '?')} {data.get('id', '?')}: {check}{again}"
+                   f" → {delivery.status}", err=True)
+        click.echo(orjson.dumps(delivery.payload).decode())
+
+    try:
+        receiver = Receiver(secret, fail_first=fail_first, on_delivery=show)
+    except Exception:
+        raise click.BadParameter("not a Standard Webhooks secret (whsec_ and base64)", param_hint="--secret") from None
+    if not secret:
+        click.echo("no --secret: signatures are not checked", err=True)
+    click.echo(f"listening for webhooks on http://{host}:{port}/", err=True)
+    uvicorn.Server(uvicorn.Config(create_listen_app(receiver), host=host, port=port, log_config=None,
+                                  log_level="warning")).run()

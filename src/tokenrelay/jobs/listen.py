@@ -101,4 +101,9 @@ class Receiver:
 
 
 def create_listen_app(receiver: Receiver) -> Starlette:
-    return Starlette(routes=[Route("/{path:path}", receiver.handle, methods=["POST"])])
+    async def status(request: Request) -> Response:
+        return JSONResponse({"deliveries": len(receiver.deliveries), "webhook_ids": len(receiver._seen),
+                             "verifying": receiver.webhook is not None})
+
+    return Starlette(routes=[Route("/{path:path}", receiver.handle, methods=["POST"]),
+                             Route("/{path:path}", status, methods=["GET"])])
