@@ -3,14 +3,16 @@ with webhooks sent to a real receiver on loopback."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-from servers import RelayServer, SimServer, wait_until
+from servers import Process, RelayServer, SimServer, free_port, wait_until
 from standardwebhooks.webhooks import Webhook
 from streams import chat
 from webhook_receiver import SECRET, running_receiver
@@ -226,3 +228,17 @@ def test_private_addresses_are_refused_by_default(sim_server: SimServer,
             assert len(record["deliveries"]) == 1  # refused for good, not retried
             assert "TOKENRELAY_WEBHOOK_ALLOW_PRIVATE" in record["deliveries"][0]["error"]
         assert receiver.deliveries == []
+
+
+def test_several_serve_processes_need_redis_for_jobs(log_dir: Path) -> None:
+    port = free_port()
+    relay = Process(["serve", "--port", str(port), "--workers", "2"], port=port, ready_path="/healthz",
+                    env={"TOKENRELAY_DATA_DIR": tempfile.mkdtemp(prefix="tokenrelay-data-")}, log_dir=log_dir)
+    try:
+        for _ in range(4):  # whichever process answers
+            response = httpx.post(relay.url + "/api/jobs", json=chat())
+            assert response.status_code == 503
+            assert "TOKENRELAY_REDIS_URL" in response.json()["error"]["message"]
+        assert httpx.post(relay.url + "/api/get-response", json=chat(stream=False)).status_code == 200
+    finally:
+        relay.stop()

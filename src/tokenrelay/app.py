@@ -90,6 +90,14 @@ async def _start_jobs(app: Starlette, settings: Settings) -> Any:
     If the data directory is taken, everything else still serves; /api/jobs answers 503."""
     from .jobs.store import StoreBusy
 
+    processes = int(os.environ.get(SERVE_PROCESSES_ENV) or 1)
+    if processes > 1 and not settings.redis_url:
+        app.state.jobs_unavailable = (
+            f"jobs are not available: with {processes} serve processes they need TOKENRELAY_REDIS_URL "
+            "(and 'tokenrelay worker'); SQLite-kept jobs need a single process"
+        )
+        log.warning("%s", app.state.jobs_unavailable)
+        return None
     try:
         # TOKENRELAY_REDIS_URL also holds the per-key limits: without the Redis job queue
         # in this build, jobs stay local rather than stopping start-up.
@@ -177,6 +185,7 @@ def create_app(settings: Settings) -> Starlette:
 
 
 CONFIG_FILE_ENV = "TOKENRELAY_CONFIG_FILE"
+SERVE_PROCESSES_ENV = "TOKENRELAY_SERVE_PROCESSES"
 
 
 def app_from_env() -> Starlette:

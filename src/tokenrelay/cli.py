@@ -115,7 +115,7 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
                    "set TOKENRELAY_REDIS_URL to count them once", err=True)
     if workers > 1:
         # Each worker process builds its own app from the environment: pass the flags on.
-        from .app import CONFIG_FILE_ENV
+        from .app import CONFIG_FILE_ENV, SERVE_PROCESSES_ENV
         from .config import ENV_PREFIX
 
         for name, value in (("log_level", log_level), ("log_json", log_json)):
@@ -123,6 +123,7 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
                 os.environ[ENV_PREFIX + name.upper()] = str(value).lower()
         if config is not None:
             os.environ[CONFIG_FILE_ENV] = str(config.resolve())
+        os.environ[SERVE_PROCESSES_ENV] = str(workers)  # jobs in SQLite need one process
         with _shared_metrics():
             uvicorn.run("tokenrelay.app:app_from_env", factory=True, workers=workers, host=settings.host,
                         port=settings.port, log_config=None, timeout_graceful_shutdown=5,
@@ -352,6 +353,36 @@ def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose
         usage = ended["result"]["usage"] or {}
         click.echo(f"job {ended['id']}: {usage.get('completion_tokens', '?')} tokens, "
                    f"created {ended['created_at']}, finished {ended['finished_at']}", err=True)
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A TOML file of settings (same names as the TOKENRELAY_* variables, lower case).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="Jobs this worker runs at once.  [default: TOKENRELAY_JOB_CONCURRENCY, 16]")
+@click.option("--log-level", default=None, help="critical, error, warning, info or debug.  [default: info]")
+def worker(config: Path | None, concurrency: int | None, log_level: str | None) -> None:
+    """Run jobs from the Redis queue; start as many as you like, on any machine.
+
+    \b
+    They need the same settings as 'tokenrelay serve' (upstream, model, webhooks):
+      TOKENRELAY_REDIS_URL=redis://redis.internal:6379/0 \\
+      TOKENRELAY_UPSTREAM_URL=https://api.openai.com/v1 OPENAI_API_KEY=sk-… \\
+      TOKENRELAY_WEBHOOK_SECRET=whsec_… tokenrelay worker
+    and 'tokenrelay serve' with the same TOKENRELAY_REDIS_URL takes the jobs in.
+    TOKENRELAY_JOB_HEARTBEAT (10 s): a job whose worker is silent that long runs again
+    elsewhere. SIGTERM or Ctrl-C stops the worker; its running jobs go back on the queue.
+    """
+    import asyncio
+
+    from .jobs.distributed import make_worker
+
+    settings = _settings(config, log_level=log_level)
+    if settings.redis_url is None:
+        raise click.ClickException("set TOKENRELAY_REDIS_URL (redis://host:6379/0): workers take jobs from Redis")
+    setup_logging(settings.log_level, json=settings.log_json)
+    click.echo(f"tokenrelay worker (upstream: {settings.upstream_label})", err=True)
+    asyncio.run(make_worker(settings, concurrency=concurrency).start())
 
 
 @cli.group()
