@@ -69,6 +69,13 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_CONNECT_TIMEOUT / TOKENRELAY_READ_TIMEOUT  upstream timeouts in seconds
       TOKENRELAY_SIM_TTFT / _SIM_TPS / _SIM_TOKENS / _SIM_SEED  the simulator's pacing
       TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
+    Jobs (docs/jobs.md):
+      TOKENRELAY_DATA_DIR       where jobs are kept (SQLite; ~/.local/share/tokenrelay)
+      TOKENRELAY_REDIS_URL      keep jobs in Redis instead, run by 'tokenrelay worker'
+      TOKENRELAY_JOB_CONCURRENCY / TOKENRELAY_JOB_HEARTBEAT  jobs at once (16) / worker heartbeat (10 s)
+      TOKENRELAY_WEBHOOK_SECRET  Standard Webhooks signing secret (whsec_…)
+      TOKENRELAY_WEBHOOK_TIMEOUT / _MAX_ATTEMPTS / _BACKOFF / _BACKOFF_MAX  delivery (10 s, 8, 2 s, 900 s)
+      TOKENRELAY_WEBHOOK_ALLOW_PRIVATE  deliver to private/loopback addresses too (false)
 
     \b
     Model routing and retries (docs/openai-relay.md):
@@ -98,7 +105,8 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
     'Accept: text/event-stream', or JSON with "stream": false), GET /api/info,
     POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, for the OpenAI SDKs),
     GET /api/probe (timed ticks for `tokenrelay doctor`), GET /healthz (alive),
-    GET /readyz (upstream answers), GET /metrics (Prometheus).
+    GET /readyz (upstream answers), GET /metrics (Prometheus),
+    POST /api/jobs, GET|DELETE /api/jobs/{id}, GET /api/jobs/{id}/stream.
     """
     import uvicorn
 

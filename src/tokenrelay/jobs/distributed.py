@@ -79,7 +79,9 @@ class RemoteJobs:
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
         job, created = await self.store.create(job)
-        if created:
+        # A job seen again (same Idempotency-Key) and still queued is queued again: saq keeps
+        # one job per key, and this heals a job whose first enqueue died with its process.
+        if created or job["status"] == "queued":
             await self.queue.enqueue(TASK, key=job["id"], job_id=job["id"], timeout=0,
                                      heartbeat=self.settings.job_heartbeat, retries=RETRIES)
         return job, created
