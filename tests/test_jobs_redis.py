@@ -55,7 +55,7 @@ def cluster(redis_url: str, sim_server: SimServer, start_relay: Callable[..., Re
     env = {"TOKENRELAY_REDIS_URL": redis_url, "TOKENRELAY_WEBHOOK_SECRET": SECRET,
            "TOKENRELAY_WEBHOOK_ALLOW_PRIVATE": "true", "TOKENRELAY_WEBHOOK_BACKOFF": "0.05",
            "TOKENRELAY_WEBHOOK_BACKOFF_MAX": "0.2", "TOKENRELAY_JOB_HEARTBEAT": "1"}
-    relay = start_relay(upstream=sim_server.url + "/v1", **env)
+    relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_JOBS_IN_SERVE="false", **env)
     worker_env = {**env, "TOKENRELAY_UPSTREAM_URL": sim_server.url + "/v1", "TOKENRELAY_MODEL": "sim"}
     workers = [WorkerProcess(name, worker_env, log_dir) for name in ("a", "b")]
     yield relay, workers
@@ -132,3 +132,12 @@ def test_a_killed_worker_s_jobs_finish_on_the_other(client: httpx.Client,
     assert all(d.verified for d in receiver.deliveries)
     for victim in victims:
         assert victim in survivor.log()  # taken up by the worker that lived
+
+
+def test_a_single_serve_with_redis_runs_its_jobs_itself(redis_url: str, sim_server: SimServer,
+                                                       start_relay: Callable[..., RelayServer]) -> None:
+    relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_REDIS_URL=redis_url)
+    with httpx.Client(base_url=relay.url, timeout=10) as client:
+        job = wait_ended(client, submit(client, chat("no worker needed", model="sim:echo,ttft=0,tps=0"))["id"])
+    assert job["status"] == "succeeded" and job["result"]["text"] == "no worker needed"
+    assert "running jobs from" in relay.log()

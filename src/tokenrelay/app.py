@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import secrets
@@ -99,13 +98,13 @@ async def _start_jobs(app: Starlette, settings: Settings) -> Any:
         log.warning("%s", app.state.jobs_unavailable)
         return None
     try:
-        # TOKENRELAY_REDIS_URL also holds the per-key limits: without the Redis job queue
-        # in this build, jobs stay local rather than stopping start-up.
-        if settings.redis_url and importlib.util.find_spec("tokenrelay.jobs.distributed") is not None:
+        # TOKENRELAY_REDIS_URL also holds the per-key limits; a serve set up for those alone
+        # still runs its jobs, since it runs a queue worker itself (jobs_in_serve).
+        if settings.redis_url:
             from .jobs.distributed import RemoteJobs
 
             jobs: Any = RemoteJobs(settings)
-            log.info("jobs: on the Redis queue at %s, run by 'tokenrelay worker'", jobs.label)
+            log.info("jobs: on the Redis queue at %s", jobs.label)
         else:
             from .jobs.local import LocalJobs
 

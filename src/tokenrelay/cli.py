@@ -71,7 +71,8 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
     Jobs (docs/jobs.md):
       TOKENRELAY_DATA_DIR       where jobs are kept (SQLite; ~/.local/share/tokenrelay)
-      TOKENRELAY_REDIS_URL      keep jobs in Redis instead, run by 'tokenrelay worker'
+      TOKENRELAY_REDIS_URL      keep jobs in Redis instead, run here and by 'tokenrelay worker'
+      TOKENRELAY_JOBS_IN_SERVE  false: leave Redis-queued jobs to 'tokenrelay worker' (true)
       TOKENRELAY_JOB_CONCURRENCY / TOKENRELAY_JOB_HEARTBEAT  jobs at once (16) / worker heartbeat (10 s)
       TOKENRELAY_WEBHOOK_SECRET  Standard Webhooks signing secret (whsec_…)
       TOKENRELAY_WEBHOOK_TIMEOUT / _MAX_ATTEMPTS / _BACKOFF / _BACKOFF_MAX  delivery (10 s, 8, 2 s, 900 s)
@@ -390,7 +391,7 @@ def worker(config: Path | None, concurrency: int | None, log_level: str | None) 
         raise click.ClickException("set TOKENRELAY_REDIS_URL (redis://host:6379/0): workers take jobs from Redis")
     setup_logging(settings.log_level, json=settings.log_json)
     click.echo(f"tokenrelay worker (upstream: {settings.upstream_label})", err=True)
-    asyncio.run(make_worker(settings, concurrency=concurrency).start())
+    asyncio.run(make_worker(settings, concurrency=concurrency, signals=True).start())
 
 
 @cli.group()

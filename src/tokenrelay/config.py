@@ -119,6 +119,10 @@ class Settings(BaseSettings):
         "'tokenrelay worker') and the per-key limits.",
     )
     job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
+    jobs_in_serve: bool = Field(
+        default=True, description="With redis_url: 'tokenrelay serve' runs jobs from the queue too; false leaves "
+        "them to 'tokenrelay worker' processes.",
+    )
     job_heartbeat: int = Field(
         default=10, gt=0, description="Seconds without a worker's heartbeat before its job is run again."
     )

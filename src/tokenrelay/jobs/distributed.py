@@ -65,7 +65,9 @@ def make_queue(settings: Settings) -> JobQueue:
 
 
 class RemoteJobs:
-    """Submit and cancel jobs from ``tokenrelay serve``; workers run them."""
+    """Submit and cancel jobs from ``tokenrelay serve``; workers run them, and unless
+    ``TOKENRELAY_JOBS_IN_SERVE=false`` this process runs one too, so a single ``serve``
+    with a Redis URL (set for the per-key limits, say) still gets its jobs done."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.redis_url is not None
@@ -73,9 +75,15 @@ class RemoteJobs:
         self.label = redis_label(settings.redis_url)
         self.store = RedisJobStore(settings.redis_url)
         self.queue = make_queue(settings)
+        self.worker = make_worker(settings) if settings.jobs_in_serve else None
+        self._worker_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.queue.connect()
+        if self.worker is not None:
+            self._worker_task = asyncio.create_task(self.worker.start(), name="tokenrelay jobs worker")
+        else:
+            log.info("jobs: run by 'tokenrelay worker' processes only (TOKENRELAY_JOBS_IN_SERVE=false)")
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
         job, created = await self.store.create(job)
@@ -95,11 +103,23 @@ class RemoteJobs:
         return job
 
     async def aclose(self) -> None:
+        if self.worker is not None and self._worker_task is not None:
+            await self.worker.stop()  # its running jobs go back on the queue
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker_task
+            await self.worker.queue.disconnect()
         await self.queue.disconnect()
         await self.store.aclose()
 
 
-def make_worker(settings: Settings, *, concurrency: int | None = None) -> Worker[Any]:
+class JobWorker(Worker[Any]):
+    """saq's worker without its own signal handlers: inside ``tokenrelay serve`` the server
+    owns SIGINT and SIGTERM and stops the worker from its lifespan."""
+
+    SIGNALS = []
+
+
+def make_worker(settings: Settings, *, concurrency: int | None = None, signals: bool = False) -> Worker[Any]:
     """A saq worker that runs tokenrelay's jobs, with its provider and webhook sender."""
     assert settings.redis_url is not None
     queue = make_queue(settings)
@@ -128,7 +148,7 @@ def make_worker(settings: Settings, *, concurrency: int | None = None) -> Worker
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
 
-    return Worker(
+    return (Worker if signals else JobWorker)(
         queue,
         functions=[(TASK, process_job)],
         concurrency=concurrency or settings.job_concurrency,
