@@ -81,9 +81,26 @@ class RemoteJobs:
     async def start(self) -> None:
         await self.queue.connect()
         if self.worker is not None:
-            self._worker_task = asyncio.create_task(self.worker.start(), name="tokenrelay jobs worker")
+            self._worker_task = asyncio.create_task(self._run_worker(self.worker), name="tokenrelay jobs worker")
         else:
             log.info("jobs: run by 'tokenrelay worker' processes only (TOKENRELAY_JOBS_IN_SERVE=false)")
+
+    async def _run_worker(self, worker: Worker[Any]) -> None:
+        """Start the worker once Redis answers: saq's worker logs a traceback a second while
+        Redis is down, and a serve whose Redis is away (for its limits too) keeps serving."""
+        warned = False
+        while True:
+            try:
+                await self.store.redis.ping()  # type: ignore[misc]
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure to reach Redis
+                if not warned:
+                    log.warning("jobs: Redis at %s does not answer (%s); jobs wait until it does", self.label, exc)
+                    warned = True
+                await asyncio.sleep(5)
+        if warned:
+            log.info("jobs: Redis at %s answers again", self.label)
+        await worker.start()
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
         job, created = await self.store.create(job)

@@ -14,13 +14,15 @@ The backend (``app.state.jobs``) is ``LocalJobs`` (SQLite, run in this process) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
 from pydantic import Field
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -51,6 +53,16 @@ class IdempotencyKeyReused(ValidationFailed):
     type = "idempotency_key_reused"
 
 
+@contextlib.contextmanager
+def _reaching(jobs: Any) -> Iterator[None]:
+    """Redis errors become a 503 that says so, at the boundary (errors.py)."""
+    try:
+        yield
+    except RedisError as exc:
+        where = getattr(jobs, "label", "Redis")
+        raise ServiceUnavailable(f"jobs are unavailable: {where} does not answer ({exc})") from None
+
+
 def _jobs(request: Request) -> Any:
     jobs = getattr(request.app.state, "jobs", None)
     if jobs is None:
@@ -79,8 +91,9 @@ async def create_job(request: Request) -> Response:
     chat = ChatRequest.model_validate(body.model_dump(exclude={"webhook_url"})).model_dump(exclude={"stream"})
     body_hash = hashlib.sha256(orjson.dumps({"request": chat, "model": model, "webhook_url": body.webhook_url},
                                             option=orjson.OPT_SORT_KEYS)).hexdigest()
-    job, created = await jobs.submit(new_job(request=chat, model=model, webhook_url=body.webhook_url,
-                                             idempotency_key=key, body_hash=body_hash))
+    with _reaching(jobs):
+        job, created = await jobs.submit(new_job(request=chat, model=model, webhook_url=body.webhook_url,
+                                                 idempotency_key=key, body_hash=body_hash))
     if not created and job["body_hash"] != body_hash:
         raise IdempotencyKeyReused(
             f"Idempotency-Key {key!r} was used for job {job['id']} with another body; use a new key for a new job"
@@ -94,7 +107,8 @@ async def create_job(request: Request) -> Response:
 async def _get(request: Request) -> tuple[Any, dict[str, Any]]:
     jobs = _jobs(request)
     job_id = request.path_params["job_id"]
-    job = await jobs.store.get(job_id)
+    with _reaching(jobs):
+        job = await jobs.store.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return jobs, job
@@ -107,9 +121,11 @@ async def get_job(request: Request) -> Response:
 
 async def delete_job(request: Request) -> Response:
     jobs, job = await _get(request)
-    cancelled = await jobs.cancel(job["id"])
+    with _reaching(jobs):
+        cancelled = await jobs.cancel(job["id"])
+        if cancelled is None:
+            job = await jobs.store.get(job["id"]) or job
     if cancelled is None:
-        job = await jobs.store.get(job["id"]) or job
         raise Conflict(f"job {job['id']} has already {job['status']}; only queued or running jobs can be cancelled")
     return JSONResponse(public(cancelled))
 
