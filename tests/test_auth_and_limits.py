@@ -388,3 +388,22 @@ def test_doctor_sends_the_key(keyed: RelayServer, keys: tuple[str, str], monkeyp
     given = runner.invoke(cli, ["doctor", keyed.url, *fast, "--key", keys[0]], catch_exceptions=False)
     assert given.exit_code == 0, given.output
     assert "Result: OK" in given.stdout
+
+
+def test_a_mount_prefix_does_not_bypass_the_key_check() -> None:
+    """Behind a prefix (ASGI ``root_path``), the check sees the path the router matches."""
+    import asyncio
+
+    from tokenrelay.app import create_app
+    from tokenrelay.config import Settings
+
+    app = create_app(Settings(api_keys="tr-prefix-test-key"))
+
+    async def ask() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, root_path="/chat")
+        async with httpx.AsyncClient(transport=transport, base_url="http://tokenrelay.test") as client:
+            return await client.post("/chat/api/get-response", json=chat("hi"))
+
+    response = asyncio.run(ask())
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "unauthorized"

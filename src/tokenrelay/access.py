@@ -46,7 +46,7 @@ class AccessMiddleware:
         self.limiter = limiter if limiter.enabled else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not is_api_path(scope["path"]):
+        if scope["type"] != "http" or not is_api_path(_route_path(scope)):
             await self.app(scope, receive, send)
             return
         if self.keys:
@@ -90,6 +90,14 @@ class AccessMiddleware:
         body = openai_body(exc) if scope["path"].startswith("/v1") else exc.body()
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path the router matches: without the ``root_path`` a mount point adds (as
+    Starlette's own routing strips it), so a prefix cannot carry a request past the check."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
