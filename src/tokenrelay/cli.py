@@ -162,7 +162,7 @@ def _shared_metrics() -> Iterator[None]:
             del os.environ[MULTIPROC_ENV]
 
 
-def fast_server() -> dict[str, str]:
+def fast_server() -> dict[str, Any]:
     """uvloop and httptools when installed (they come with uvicorn[standard]); the pure
     Python event loop and parser otherwise. Named explicitly so a missing one is visible."""
     import importlib.util
