@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from servers import free_port, wait_until
+from servers import free_port, stop_process, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "tokenrelay.conf"
@@ -80,13 +80,7 @@ class Proxy:
         return "\n".join(parts)
 
     def stop(self, *, keep_files: bool = False) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._output.close()
         if not keep_files:
             shutil.rmtree(self.workdir, ignore_errors=True)

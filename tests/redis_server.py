@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import redis
-from servers import free_port, wait_until
+from servers import free_port, stop_process, wait_until
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -56,13 +56,7 @@ class RedisServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._dir.cleanup()
 
 

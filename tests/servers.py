@@ -33,6 +33,17 @@ def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Ask a process to stop (SIGTERM); kill it if it has not within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Process:
     """A tokenrelay command running in the background, with its log kept in a file."""
 
@@ -65,13 +76,7 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from servers import RelayServer, SimServer, wait_until
+from servers import RelayServer, SimServer, stop_process, wait_until
 from streams import chat
 from test_jobs import read_events, submit, wait_ended
 from webhook_receiver import SECRET, running_receiver
@@ -39,13 +39,7 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 
