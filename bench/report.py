@@ -70,8 +70,8 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                                    ratio, ratio >= floor, "× direct", peers))
     if "W3" in w:
         r = w["W3"]["results"]
-        streams = w["W3"]["params"]["streams"]
         for name, f in r.items():
+            streams = f["streams"]
             held = f["completed"] == streams and f["stalled_streams"] == 0
             goals.append(_goal("W3", f"{streams} streams held, none stalled", name,
                                f"{f['completed']}/{streams} completed, {f['stalled_streams']} stalled", held))
@@ -188,8 +188,9 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
         out.append("")
     if "W3" in w:
         p = w["W3"]["params"]
-        out += [f"## W3 many open streams ({p['streams']} streams, a token every {p['interval_ms']:g} ms, "
-                f"{p['tokens']} tokens, opened over {p['ramp_s']:g} s; stall = {p['stall']}; "
+        out += [f"## W3 many open streams ({' and '.join(map(str, p['streams']))} streams, a token every "
+                f"{p['interval_ms']:g} ms, {p['tokens']} tokens, {p['opened_per_s']:g} opened per second; "
+                f"stall = {p['stall']}; "
                 f"other load {w['W3']['other_cpu_cores']} cores)", "",
                 "| route | completed | stalled | max open | gap p99 ms | gap max ms | relay RSS idle → at most open → peak MB | "
                 "KB per open stream |", "|---|---|---|---|---|---|---|---|"]
