@@ -28,7 +28,8 @@ from ..errors import (
 )
 from ..schemas import ChatRequest, message_text
 from ..streaming.sse_decoder import SSEDecoder
-from .base import Delta, ToolCallDelta, Usage, error_for_status
+from .base import Delta, ToolCallDelta, Usage
+from .http import send_streaming
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -64,21 +65,7 @@ class Anthropic:
         """Start a request given as an OpenAI chat completions body."""
         payload = orjson.dumps(messages_body(body, model))
         http_request = self._client.build_request("POST", self.url, content=payload, headers=self._headers)
-        try:
-            response = await self._client.send(http_request, stream=True)
-        except httpx.TimeoutException:
-            raise UpstreamTimeout("upstream did not answer in time") from None
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"cannot reach upstream: {exc or type(exc).__name__}") from None
-        if response.status_code != 200:
-            try:
-                raw = await response.aread()
-            except httpx.HTTPError:
-                raw = b""
-            finally:
-                await response.aclose()
-            raise error_for_status(response.status_code, _reason(raw) or response.reason_phrase,
-                                   retry_after=response.headers.get("retry-after"))
+        response = await send_streaming(self._client, http_request)
         return self._deltas(response)
 
     async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
@@ -224,10 +211,3 @@ def messages_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
-def _reason(raw: bytes) -> str:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw[:200].decode("utf-8", "replace").strip()
-    error = body.get("error") if isinstance(body, dict) else None
-    return str(error.get("message") or "") if isinstance(error, dict) else ""

@@ -24,7 +24,8 @@ from ..errors import (
 )
 from ..schemas import ChatRequest
 from ..streaming.sse_decoder import SSEDecoder
-from .base import Delta, Usage, error_for_status
+from .base import Delta, Usage
+from .http import error_message, send_streaming
 from .transport import UpstreamTransport
 
 
@@ -84,25 +85,7 @@ class OpenAICompatible:
         other status is read, closed and raised as the matching ``UpstreamError``."""
         headers = self._headers if stream else {**self._headers, "accept": "application/json"}
         http_request = self._client.build_request("POST", self.url, content=body, headers=headers)
-        try:
-            response = await self._client.send(http_request, stream=True)
-        except httpx.TimeoutException:
-            raise UpstreamTimeout("upstream did not answer in time") from None
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"cannot reach upstream: {exc or type(exc).__name__}") from None
-        if response.status_code != 200:
-            try:
-                raw = await response.aread()
-            except httpx.HTTPError:
-                raw = b""
-            finally:
-                await response.aclose()
-            raise error_for_status(
-                response.status_code,
-                _reason(raw) or response.reason_phrase,
-                retry_after=response.headers.get("retry-after"),
-            )
-        return response
+        return await send_streaming(self._client, http_request)
 
     async def models(self) -> list[str]:
         """The upstream's own model list (``GET …/models``); empty when it has none."""
@@ -203,7 +186,7 @@ def _delta(data: str) -> Delta | None:
     if not isinstance(chunk, dict):
         raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
     if "error" in chunk:
-        raise UpstreamError(f"upstream sent an error: {_error_message(chunk['error'])}")
+        raise UpstreamError(f"upstream sent an error: {error_message(chunk['error'])}")
     text = ""
     finish = None
     choices = chunk.get("choices") or ()
@@ -222,20 +205,3 @@ def _delta(data: str) -> Delta | None:
     if not text and finish is None and usage is None:
         return None
     return Delta(text=text, finish_reason=finish, usage=usage)
-
-
-def _error_message(error: object) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
-
-
-def _reason(raw: bytes) -> str:
-    """The upstream's own explanation from an error body, if it gave one."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw[:200].decode("utf-8", "replace").strip()
-    if isinstance(body, dict) and "error" in body:
-        return _error_message(body["error"])
-    return ""
