@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import orjson
 
@@ -40,7 +41,7 @@ from ..providers.openai_compat import OpenAICompatible
 from ..routing import Attempts, Router, Upstream
 from ..schemas import ChatRequest, chat_from_openai
 from .openai_chunks import DONE, ChunkEncoder, Completion, error_event
-from .relay import StreamObserver, StreamRecord, _log_request, yield_to_others
+from .relay import CancellableResponse, StreamObserver, StreamRecord, yield_to_others
 from .sse_watch import StreamWatch
 
 Send = Any
@@ -52,41 +53,18 @@ _STREAM_HEADERS = [
 ]
 
 
-class V1Response:
+class V1Response(CancellableResponse):
     def __init__(self, *, router: Router, upstream: Upstream, raw: bytes, body: dict[str, Any],
                  record: StreamRecord, stream: bool, observer: StreamObserver | None = None) -> None:
+        super().__init__(record, observer)
         self.router = router
-        self.observer = observer
         self.upstream = upstream
         self.raw = raw
         self.body = body
-        self.record = record
         self.stream = stream
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self._chat: ChatRequest | None = None
-        self._finished = False
         self._request_id = [(b"x-request-id", record.request_id.encode())]
-
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if self.observer is not None:
-            self.observer.stream_started(self.record)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
-                await self._run(send)
-                self._finished = True
-                tg.cancel_scope.cancel()
-        finally:
-            _log_request(self.record)
-            if self.observer is not None:
-                self.observer.stream_finished(self.record)
-
-    async def _listen_for_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if not self._finished:
-            self.record.outcome = "client_cancelled"
-            scope.cancel()
 
     async def _open(self, upstream: Upstream) -> httpx.Response | AsyncIterator[Delta]:
         provider = upstream.provider
@@ -98,7 +76,7 @@ class V1Response:
             self._chat = chat_from_openai(self.body)
         return await provider.open(self._chat, model=self.record.model)
 
-    async def _run(self, send: Send) -> None:
+    async def _run(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
         attempts = Attempts()
         try:
             opened = await self.router.open_with_retries(self.upstream, self._open, attempts)

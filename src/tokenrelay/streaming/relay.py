@@ -96,7 +96,47 @@ class StreamObserver(Protocol):
     def stream_finished(self, record: StreamRecord) -> None: ...
 
 
-class RelayResponse:
+class CancellableResponse:
+    """An ASGI response whose ``_run`` races a listener for the client's disconnect.
+
+    Whichever ends first cancels the other (Starlette's ``StreamingResponse`` does the same),
+    so a client that leaves stops ``_run`` — and with it the upstream request — at once. The
+    request's log line and the observer's start and finish frame every outcome."""
+
+    record: StreamRecord
+    observer: StreamObserver | None
+
+    def __init__(self, record: StreamRecord, observer: StreamObserver | None) -> None:
+        self.record = record
+        self.observer = observer
+        self._finished = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if self.observer is not None:
+            self.observer.stream_started(self.record)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
+                await self._run(send, tg)
+                self._finished = True
+                tg.cancel_scope.cancel()
+        finally:
+            _log_request(self.record)
+            if self.observer is not None:
+                self.observer.stream_finished(self.record)
+
+    async def _run(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+        raise NotImplementedError
+
+    async def _listen_for_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self._finished:
+            self.record.outcome = "client_cancelled"
+            scope.cancel()
+
+
+class RelayResponse(CancellableResponse):
     def __init__(
         self,
         *,
@@ -106,12 +146,10 @@ class RelayResponse:
         heartbeat: float,
         observer: StreamObserver | None = None,
     ) -> None:
+        super().__init__(record, observer)
         self.provider = provider
-        self.observer = observer
         self.request = request
-        self.record = record
         self.heartbeat = heartbeat
-        self._finished = False
         self._abort: UpstreamError | None = None
         self._last_send = 0.0
         self._closing = anyio.Lock()
@@ -125,34 +163,17 @@ class RelayResponse:
         ]
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if self.observer is not None:
-            self.observer.stream_started(self.record)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
-                if self.record.mode == "text":
-                    await self._text(send)
-                elif self.record.mode == "sse":
-                    await self._sse(send, tg)
-                else:
-                    await self._json(send)
-                self._finished = True
-                tg.cancel_scope.cancel()
-        finally:
-            _log_request(self.record)
-            if self.observer is not None:
-                self.observer.stream_finished(self.record)
+        await super().__call__(scope, receive, send)
         if self._abort is not None:
             raise StreamAborted(self._abort.message)
 
-    async def _listen_for_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-        if not self._finished:
-            self.record.outcome = "client_cancelled"
-            scope.cancel()
+    async def _run(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+        if self.record.mode == "text":
+            await self._text(send)
+        elif self.record.mode == "sse":
+            await self._sse(send, tg)
+        else:
+            await self._json(send)
 
     async def _open(self, send: Send) -> AsyncIterator[Delta] | None:
         try:
