@@ -122,14 +122,7 @@ class _Completion:
         await send({"type": "http.response.body", "body": enc.role(), "more_body": True})
         try:
             async for delta in deltas:
-                if delta.tool_calls or delta.finish_reason is not None:
-                    body = enc.delta(delta)
-                elif delta.text:
-                    body = enc.text(delta.text)
-                else:
-                    body = b""
-                if delta.usage is not None and self.include_usage:
-                    body += enc.usage(delta.usage)
+                body = enc.encode(delta, include_usage=self.include_usage)
                 if body:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
         except UpstreamProtocolError:

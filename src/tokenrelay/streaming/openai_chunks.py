@@ -55,6 +55,19 @@ class ChunkEncoder:
                     + orjson.dumps(delta.finish_reason) + b"}]}\n\n")
         return out
 
+    def encode(self, delta: Delta, *, include_usage: bool) -> bytes:
+        """The chunks for one Delta: its text, tool calls or finish, then its usage when the
+        client asked for usage (``stream_options.include_usage``). Empty when none apply."""
+        if delta.tool_calls or delta.finish_reason is not None:
+            body = self.delta(delta)
+        elif delta.text:
+            body = self.text(delta.text)
+        else:
+            body = b""
+        if delta.usage is not None and include_usage:
+            body += self.usage(delta.usage)
+        return body
+
     def usage(self, usage: Usage) -> bytes:
         """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
         return self._head + b',"choices":[],"usage":' + orjson.dumps(usage.to_dict()) + b"}\n\n"

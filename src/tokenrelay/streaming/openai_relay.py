@@ -182,16 +182,9 @@ class V1Response(CancellableResponse):
         await send({"type": "http.response.body", "body": enc.role(), "more_body": True})
         try:
             async for delta in deltas:
-                if delta.tool_calls or delta.finish_reason is not None:
-                    body = enc.delta(delta)
-                elif delta.text:
-                    body = enc.text(delta.text)
-                else:
-                    body = b""
+                body = enc.encode(delta, include_usage=self.include_usage)
                 if delta.usage is not None:
                     record.usage = delta.usage
-                    if self.include_usage:
-                        body += enc.usage(delta.usage)
                 if delta.finish_reason is not None:
                     record.finish_reason = delta.finish_reason
                 if body:
