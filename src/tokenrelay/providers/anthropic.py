@@ -29,7 +29,7 @@ from ..errors import (
 from ..schemas import ChatRequest, message_text
 from ..streaming.sse_decoder import SSEDecoder
 from .base import Delta, ToolCallDelta, Usage
-from .http import send_streaming
+from .http import SSE_REQUEST_HEADERS, send_streaming
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -42,12 +42,7 @@ class Anthropic:
         self.url = base_url.rstrip("/") + "/messages"
         self.label = label
         self._client = client
-        self._headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream",
-            "accept-encoding": "identity",
-            "anthropic-version": API_VERSION,
-        }
+        self._headers = {**SSE_REQUEST_HEADERS, "anthropic-version": API_VERSION}
         if api_key:
             self._headers["x-api-key"] = api_key
 

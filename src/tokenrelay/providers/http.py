@@ -9,6 +9,13 @@ import orjson
 from ..errors import UpstreamTimeout, UpstreamUnavailable
 from .base import error_for_status
 
+# Compressed SSE would be held back by the decompressor; ask for it plain.
+SSE_REQUEST_HEADERS = {
+    "content-type": "application/json",
+    "accept": "text/event-stream",
+    "accept-encoding": "identity",
+}
+
 
 async def send_streaming(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
     """The response once its status is 200; its body is the caller's to read and close.

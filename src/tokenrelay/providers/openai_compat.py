@@ -25,7 +25,7 @@ from ..errors import (
 from ..schemas import ChatRequest
 from ..streaming.sse_decoder import SSEDecoder
 from .base import Delta, Usage
-from .http import error_message, send_streaming
+from .http import SSE_REQUEST_HEADERS, error_message, send_streaming
 from .transport import UpstreamTransport
 
 
@@ -52,12 +52,7 @@ class OpenAICompatible:
         self.models_url = base_url.rstrip("/") + "/models"
         self.label = label
         self._client = client
-        self._headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream",
-            # Compressed SSE would be held back by the decompressor; ask for it plain.
-            "accept-encoding": "identity",
-        }
+        self._headers = dict(SSE_REQUEST_HEADERS)
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
 
