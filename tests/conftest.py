@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("tokenrelay", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("tokenrelay")
 
+from browser import launch
+from playwright.sync_api import Browser
 from redis_server import RedisServer
 from servers import RelayServer, SimServer
 
@@ -61,3 +63,9 @@ def redis_url(log_dir: Path) -> Iterator[str]:
     server = RedisServer(log_dir=log_dir)
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """One headless Chromium for every page test of the run."""
+    yield from launch()

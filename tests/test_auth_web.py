@@ -5,23 +5,8 @@ from __future__ import annotations
 
 import secrets
 
-import pytest
-
-pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import expect, sync_playwright
-from test_web import CHROMIUM, CHROMIUM_ARGS, Chat
-
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
+from playwright.sync_api import expect
+from test_web import Chat
 
 
 def test_page_asks_for_the_key_and_sends_it(browser, start_relay, sim_server) -> None:
