@@ -50,48 +50,56 @@ TR_SSE = Wire("tr-sse", "/api/get-response", "text/event-stream")
 TEXT = Wire("text", "/api/get-response", "*/*")
 
 
-class _TokenEvents:
-    """OpenAI SSE: counts chunks with non-empty content, whatever the read boundaries.
-    ``feed`` returns tokens."""
+class _Events:
+    """Holds back an incomplete SSE event until the read that completes it arrives."""
 
     __slots__ = ("_buf",)
-    counts_tokens = True
 
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, chunk: bytes) -> int:
+    def _complete(self, chunk: bytes) -> bytes:
+        """The complete events so far (without the last blank line); b"" when none."""
         buf = self._buf + chunk if self._buf else chunk
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self._buf = buf
-            return 0
-        whole = buf[:cut]
+            return b""
         self._buf = buf[cut + 2:]
+        return buf[:cut]
+
+
+class _TokenEvents(_Events):
+    """OpenAI SSE: counts chunks with non-empty content, whatever the read boundaries.
+    ``feed`` returns tokens."""
+
+    __slots__ = ()
+    counts_tokens = True
+
+    def feed(self, chunk: bytes) -> int:
+        whole = self._complete(chunk)
+        if not whole:
+            return 0
         # The role chunk carries "content":"" and the finish chunk no content at all.
         n = whole.count(b'"content":"')
         return n - whole.count(b'"content":""') if n else 0
 
 
-class _TextEvents:
+class _TextEvents(_Events):
     """tokenrelay's SSE: a piece may hold several tokens, so count the answer's bytes in the
     ``data: {"text":…}`` events. ``feed`` returns bytes of answer text."""
 
-    __slots__ = ("_buf", "size")
+    __slots__ = ("size",)
     counts_tokens = False
 
     def __init__(self) -> None:
-        self._buf = b""
+        super().__init__()
         self.size = 0
 
     def feed(self, chunk: bytes) -> int:
-        buf = self._buf + chunk if self._buf else chunk
-        cut = buf.rfind(b"\n\n")
-        if cut < 0:
-            self._buf = buf
+        whole = self._complete(chunk)
+        if not whole:
             return 0
-        whole = buf[:cut]
-        self._buf = buf[cut + 2:]
         got = 0
         start = whole.find(b'data: {"text":')
         while start >= 0:
