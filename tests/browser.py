@@ -1,4 +1,4 @@
-"""Debian's headless Chromium, driven by Playwright; one browser serves the whole run.
+"""Debian's headless Chromium, driven by Playwright (the ``browser`` fixture in conftest).
 
 A missing browser fails the page tests instead of skipping them: ``scripts/test.sh``
 installs ``chromium``, and a suite that passed without the page would prove nothing about it."""

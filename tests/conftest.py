@@ -65,7 +65,8 @@ def redis_url(log_dir: Path) -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium for every page test of the run."""
+    """One headless Chromium per test module. Not per session: Playwright's sync API keeps
+    an event loop running in this thread while it is open, and other tests use asyncio.run."""
     yield from launch()
