@@ -1,14 +1,15 @@
 """The OpenAI-compatible provider decodes a streamed chat completion into the same deltas
 however the upstream's bytes are split — inside lines, between CR and LF, inside UTF-8
-characters. The upstream here is httpx's MockTransport (the one seam for a fake upstream);
-the same provider runs against the real simulator in the route tests."""
+characters. ``chat_deltas`` is fed the pieces directly (a socket would merge them at will);
+the provider runs against the real simulator over real sockets in the route tests, and the
+upstream client against scripted servers in test_upstream_client.py."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 
-import httpx
 import orjson
 import pytest
 from hypothesis import given
@@ -16,10 +17,7 @@ from hypothesis import strategies as st
 
 from tokenrelay.errors import UpstreamError, UpstreamProtocolError
 from tokenrelay.providers.base import Delta, Usage
-from tokenrelay.providers.openai_compat import OpenAICompatible
-from tokenrelay.schemas import ChatRequest
-
-REQUEST = ChatRequest(messages=[{"role": "user", "content": "hi"}])
+from tokenrelay.providers.openai_compat import chat_deltas
 pieces = st.text(alphabet=st.sampled_from("ab \n\"\\é€日😀𝄞"), min_size=1, max_size=6)
 
 
@@ -40,22 +38,13 @@ def frame(event: dict, eol: str, multiline: bool) -> str:
     return f"data: {data}{eol}{eol}"
 
 
-class Chunked(httpx.AsyncByteStream):
-    def __init__(self, parts: list[bytes]) -> None:
-        self.parts = parts
-
-    async def __aiter__(self):
-        for part in self.parts:
+def run(parts: list[bytes]) -> list[Delta]:
+    async def pieces() -> AsyncIterator[bytes]:
+        for part in parts:
             yield part
 
-
-def run(parts: list[bytes], status: int = 200) -> list[Delta]:
     async def go() -> list[Delta]:
-        transport = httpx.MockTransport(lambda request: httpx.Response(status, stream=Chunked(parts)))
-        async with httpx.AsyncClient(transport=transport) as client:
-            provider = OpenAICompatible(base_url="http://upstream/v1", api_key="k", client=client, label="t")
-            deltas = await provider.open(REQUEST, model="m")
-            return [d async for d in deltas]
+        return [d async for d in chat_deltas(pieces())]
 
     return asyncio.run(go())
 
@@ -112,10 +101,3 @@ def test_stream_cut_before_the_end_is_a_protocol_error() -> None:
 def test_not_json_is_a_protocol_error() -> None:
     with pytest.raises(UpstreamProtocolError, match="not JSON"):
         run([b"data: {oops\n\n"])
-
-
-def test_refusal_carries_the_upstreams_reason() -> None:
-    body = orjson.dumps({"error": {"message": "Incorrect API key provided"}})
-    with pytest.raises(UpstreamError, match="upstream answered 401: Incorrect API key") as info:
-        run([body], status=401)
-    assert info.value.status == 502

@@ -13,23 +13,17 @@ OpenAI stream: ``text_delta`` → text, ``tool_use`` block start → a tool call
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
+from yarl import URL
 
-from ..errors import (
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-    ValidationFailed,
-)
+from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
 from ..schemas import ChatRequest, message_text
 from ..streaming.sse_decoder import SSEDecoder
 from .base import Delta, ToolCallDelta, Usage
-from .http import SSE_REQUEST_HEADERS, send_streaming
+from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -38,8 +32,8 @@ STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "leng
 
 
 class Anthropic:
-    def __init__(self, *, base_url: str, api_key: str | None, client: httpx.AsyncClient, label: str) -> None:
-        self.url = base_url.rstrip("/") + "/messages"
+    def __init__(self, *, base_url: str, api_key: str | None, client: UpstreamClient, label: str) -> None:
+        self.url = URL(base_url.rstrip("/") + "/messages")
         self.label = label
         self._client = client
         self._headers = {**SSE_REQUEST_HEADERS, "anthropic-version": API_VERSION}
@@ -59,31 +53,33 @@ class Anthropic:
     async def open_openai(self, body: dict[str, Any], *, model: str) -> AsyncIterator[Delta]:
         """Start a request given as an OpenAI chat completions body."""
         payload = orjson.dumps(messages_body(body, model))
-        http_request = self._client.build_request("POST", self.url, content=payload, headers=self._headers)
-        response = await send_streaming(self._client, http_request)
+        response = await self._client.post_stream(self.url, payload, self._headers)
         return self._deltas(response)
 
-    async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
-        decoder = SSEDecoder()
-        events = EventMapper()
+    async def _deltas(self, response: UpstreamResponse) -> AsyncIterator[Delta]:
         try:
-            async for chunk in response.aiter_raw():
-                for event in decoder.feed(chunk):
-                    delta = events.map(event.data)
-                    if delta is not None:
-                        yield delta
-                    if events.stopped:
-                        return
-        except httpx.TimeoutException:
-            raise UpstreamTimeout("upstream went silent mid-stream") from None
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"upstream connection lost mid-stream: {exc or type(exc).__name__}") from None
+            async for delta in message_deltas(response):
+                yield delta
         finally:
-            await response.aclose()
-        raise UpstreamProtocolError("upstream closed the stream before message_stop")
+            response.close()
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def message_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
+    """A streamed Messages body, however its bytes are split, as deltas; it stops at
+    ``message_stop`` and raises ``UpstreamError`` for an error event or a stream cut short."""
+    decoder = SSEDecoder()
+    events = EventMapper()
+    async for chunk in chunks:
+        for event in decoder.feed(chunk):
+            delta = events.map(event.data)
+            if delta is not None:
+                yield delta
+            if events.stopped:
+                return
+    raise UpstreamProtocolError("upstream closed the stream before message_stop")
 
 
 class EventMapper:

@@ -1,60 +1,44 @@
 """An OpenAI-compatible chat completions upstream (OpenAI, vLLM, Ollama, llama.cpp, LM Studio…).
 
-One pooled ``httpx.AsyncClient`` serves every request. ``open`` sends the request and waits
+One pooled ``UpstreamClient`` serves every request. ``open`` sends the request and waits
 for the response headers, so refusals (401, 429, 5xx) surface before tokenrelay writes a
-byte; the returned iterator decodes the SSE body into deltas and closes the upstream
-response in ``finally`` — which is how a departed client stops the model.
+byte; the returned iterator decodes the SSE body into deltas (``chat_deltas``) and closes
+the upstream response in ``finally`` — which is how a departed client stops the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
-import anyio
-import httpx
 import orjson
+from yarl import URL
 
 from ..config import Settings
-from ..errors import (
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..schemas import ChatRequest
 from ..streaming.sse_decoder import SSEDecoder
 from .base import Delta, Usage
-from .http import SSE_REQUEST_HEADERS, error_message, send_streaming
-from .transport import UpstreamTransport
+from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, error_message
 
 
 def make_client(settings: Settings, *, connect_timeout: float | None = None,
-                read_timeout: float | None = None) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=settings.pool_size,
-        max_keepalive_connections=min(settings.pool_size, 100),
-    )
-    connect = connect_timeout or settings.connect_timeout
-    timeout = httpx.Timeout(
-        connect=connect,
-        read=read_timeout or settings.read_timeout,
-        write=connect,
-        pool=connect,
-    )
-    return httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=False,
-                             transport=UpstreamTransport(limits=limits))
+                read_timeout: float | None = None) -> UpstreamClient:
+    return UpstreamClient(pool_size=settings.pool_size,
+                          connect_timeout=connect_timeout or settings.connect_timeout,
+                          read_timeout=read_timeout or settings.read_timeout)
 
 
 class OpenAICompatible:
-    def __init__(self, *, base_url: str, api_key: str | None, client: httpx.AsyncClient, label: str) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.models_url = base_url.rstrip("/") + "/models"
+    def __init__(self, *, base_url: str, api_key: str | None, client: UpstreamClient, label: str) -> None:
+        self.url = URL(base_url.rstrip("/") + "/chat/completions")
+        self.models_url = URL(base_url.rstrip("/") + "/models")
         self.label = label
         self._client = client
         self._headers = dict(SSE_REQUEST_HEADERS)
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
+        self._whole_headers = {**self._headers, "accept": "application/json"}
 
     def _body(self, request: ChatRequest, model: str) -> bytes:
         body: dict[str, Any] = {
@@ -73,71 +57,29 @@ class OpenAICompatible:
         response = await self.send(self._body(request, model))
         return self._deltas(response)
 
-    async def send(self, body: bytes, *, stream: bool = True) -> httpx.Response:
+    async def send(self, body: bytes, *, stream: bool = True) -> UpstreamResponse:
         """Send a chat completions body as it is; the response once its status is 200.
 
-        The body is read by the caller (``aiter_raw``), who must close the response. Any
+        The body is read by the caller (``async for``), who must close the response. Any
         other status is read, closed and raised as the matching ``UpstreamError``."""
-        headers = self._headers if stream else {**self._headers, "accept": "application/json"}
-        http_request = self._client.build_request("POST", self.url, content=body, headers=headers)
-        return await send_streaming(self._client, http_request)
+        return await self._client.post_stream(self.url, body, self._headers if stream else self._whole_headers)
 
     async def models(self) -> list[str]:
         """The upstream's own model list (``GET …/models``); empty when it has none."""
         try:
-            response = await self._client.get(self.url.removesuffix("/chat/completions") + "/models",
-                                              headers=self._headers, timeout=5)
-            data = response.json().get("data") if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
+            status, raw = await self._client.get(self.models_url, self._headers, timeout=5)
+            data = orjson.loads(raw).get("data") if status == 200 else None
+        except (UpstreamError, orjson.JSONDecodeError, AttributeError):
             return []
         return [str(m["id"]) for m in data or () if isinstance(m, dict) and "id" in m]
 
-    async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
-        decoder = SSEDecoder()
-        finished = False
-        chunks = response.aiter_raw()
+    async def _deltas(self, response: UpstreamResponse) -> AsyncIterator[Delta]:
         try:
-            async for chunk in chunks:
-                # Text from one network read is one Delta: it arrived at one moment, so
-                # sending it on as one piece delays nothing, and costs the relay and the
-                # client one write and one read instead of one per token (docs/performance.md).
-                texts: list[str] = []
-                failure: UpstreamError | None = None
-                done = False
-                for event in decoder.feed(chunk):
-                    if event.data == "[DONE]":
-                        done = True
-                        break
-                    try:
-                        delta = _delta(event.data)
-                    except UpstreamError as exc:
-                        failure = exc
-                        break
-                    if delta is None:
-                        continue
-                    if delta.finish_reason is None and delta.usage is None:
-                        texts.append(delta.text)
-                        continue
-                    if texts:
-                        yield Delta(text="".join(texts))
-                        texts = []
-                    finished = finished or delta.finish_reason is not None
-                    yield delta
-                if texts:
-                    yield Delta(text="".join(texts))
-                if failure is not None:
-                    raise failure
-                if done:
-                    await _drain(chunks)
-                    return
-        except httpx.TimeoutException:
-            raise UpstreamTimeout("upstream went silent mid-stream") from None
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"upstream connection lost mid-stream: {exc or type(exc).__name__}") from None
+            async for delta in chat_deltas(response):
+                yield delta
+            await response.drain(_DRAIN_GRACE)
         finally:
-            await response.aclose()
-        if not finished:  # some servers omit [DONE]; a finish_reason is as good an ending
-            raise UpstreamProtocolError("upstream closed the stream before the answer finished")
+            response.close()
 
     async def check_ready(self, *, timeout: float) -> str | None:
         """Whether the upstream answers ``GET {base}/models``: None when it does, else why not.
@@ -146,30 +88,62 @@ class OpenAICompatible:
         route (404) is up, and a rate limit (429) passes by itself."""
         headers = {k: v for k, v in self._headers.items() if k == "authorization"}
         try:
-            response = await self._client.get(self.models_url, headers=headers, timeout=timeout)
-        except httpx.TimeoutException:
+            status, _ = await self._client.get(self.models_url, headers, timeout=timeout)
+        except UpstreamTimeout:
             return f"upstream did not answer GET /models within {timeout:g} s"
-        except httpx.TransportError as exc:
-            return f"cannot reach upstream: {exc or type(exc).__name__}"
-        if response.status_code >= 500 or response.status_code in (401, 403):
-            return f"upstream answered GET /models with {response.status_code}"
+        except UpstreamUnavailable as exc:
+            return exc.message
+        if status >= 500 or status in (401, 403):
+            return f"upstream answered GET /models with {status}"
         return None
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
-async def _drain(chunks: AsyncIterator[bytes]) -> None:
-    """Read the little that follows ``[DONE]`` (the body's terminating chunk), so the
-    connection goes back to the pool instead of being closed half-read: reconnecting cost
-    every request about a millisecond (docs/performance.md). An upstream that keeps the
-    stream open after ``[DONE]`` gets a short grace, then the connection is dropped."""
-    with anyio.move_on_after(_DRAIN_GRACE):
-        async for _ in chunks:
-            pass
-
-
 _DRAIN_GRACE = 0.5
+"""Seconds an upstream may keep its stream open after ``[DONE]`` (see ``UpstreamResponse.drain``)."""
+
+
+async def chat_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
+    """A streamed chat completion's body, however its bytes are split, as deltas; it stops
+    at ``[DONE]`` and raises ``UpstreamError`` for an error event or an answer cut short."""
+    decoder = SSEDecoder()
+    finished = False
+    async for chunk in chunks:
+        # Text from one network read is one Delta: it arrived at one moment, so sending it
+        # on as one piece delays nothing, and costs the relay and the client one write and
+        # one read instead of one per token (docs/performance.md).
+        texts: list[str] = []
+        failure: UpstreamError | None = None
+        done = False
+        for event in decoder.feed(chunk):
+            if event.data == "[DONE]":
+                done = True
+                break
+            try:
+                delta = _delta(event.data)
+            except UpstreamError as exc:
+                failure = exc
+                break
+            if delta is None:
+                continue
+            if delta.finish_reason is None and delta.usage is None:
+                texts.append(delta.text)
+                continue
+            if texts:
+                yield Delta(text="".join(texts))
+                texts = []
+            finished = finished or delta.finish_reason is not None
+            yield delta
+        if texts:
+            yield Delta(text="".join(texts))
+        if failure is not None:
+            raise failure
+        if done:
+            return
+    if not finished:  # some servers omit [DONE]; a finish_reason is as good an ending
+        raise UpstreamProtocolError("upstream closed the stream before the answer finished")
 
 
 def _delta(data: str) -> Delta | None:

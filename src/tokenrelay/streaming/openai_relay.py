@@ -23,7 +23,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import httpx
 import orjson
 
 from ..errors import (
@@ -31,12 +30,12 @@ from ..errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
-    UpstreamUnavailable,
     error_headers,
     openai_body,
 )
 from ..providers.base import Delta, Usage
 from ..providers.anthropic import Anthropic
+from ..providers.http import UpstreamResponse
 from ..providers.openai_compat import OpenAICompatible
 from ..routing import Attempts, Router, Upstream
 from ..schemas import ChatRequest, chat_from_openai
@@ -66,7 +65,7 @@ class V1Response(CancellableResponse):
         self._chat: ChatRequest | None = None
         self._request_id = [(b"x-request-id", record.request_id.encode())]
 
-    async def _open(self, upstream: Upstream) -> httpx.Response | AsyncIterator[Delta]:
+    async def _open(self, upstream: Upstream) -> UpstreamResponse | AsyncIterator[Delta]:
         provider = upstream.provider
         if isinstance(provider, OpenAICompatible):
             return await provider.send(self.raw, stream=self.stream)
@@ -86,7 +85,7 @@ class V1Response(CancellableResponse):
             await self._send_error(send, exc)
             return
         self.record.attempts = str(attempts)
-        if isinstance(opened, httpx.Response):
+        if isinstance(opened, UpstreamResponse):
             if self.stream:
                 await self._pass_stream(send, opened)
             else:
@@ -106,7 +105,7 @@ class V1Response(CancellableResponse):
 
     # --- passthrough ---
 
-    async def _pass_stream(self, send: Send, response: httpx.Response) -> None:
+    async def _pass_stream(self, send: Send, response: UpstreamResponse) -> None:
         record = self.record
         headers = self._headers(response.headers.get("content-type", "text/event-stream").encode())
         if "content-encoding" in response.headers:
@@ -115,20 +114,17 @@ class V1Response(CancellableResponse):
         watch = StreamWatch()
         failure: UpstreamError | None = None
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if record.first_token is None:
                     record.first_token = time.perf_counter()
                 record.bytes_out += len(chunk)
                 watch.feed(chunk)
                 await yield_to_others()
-        except httpx.TimeoutException:
-            failure = UpstreamTimeout("upstream went silent mid-stream")
-        except httpx.TransportError as exc:
-            failure = UpstreamUnavailable(f"upstream connection lost mid-stream: {exc or type(exc).__name__}")
+        except UpstreamError as exc:  # went silent, or hung up
+            failure = exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            response.close()
         record.chunks = watch.events
         if watch.usage:
             record.usage = _usage(watch.usage)
@@ -145,18 +141,17 @@ class V1Response(CancellableResponse):
             closing = (b"\n\n" if watch.pending else b"") + error_event(failure)
         await send({"type": "http.response.body", "body": closing, "more_body": False})
 
-    async def _pass_whole(self, send: Send, response: httpx.Response) -> None:
+    async def _pass_whole(self, send: Send, response: UpstreamResponse) -> None:
         record = self.record
         failure: UpstreamError | None = None
         try:
-            body = await response.aread()
-        except httpx.TimeoutException:
+            body = await response.read()
+        except UpstreamTimeout:
             body, failure = b"", UpstreamTimeout("upstream did not finish its answer in time")
-        except httpx.TransportError as exc:
-            body, failure = b"", UpstreamUnavailable(f"upstream connection lost: {exc or type(exc).__name__}")
+        except UpstreamError as exc:
+            body, failure = b"", exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            response.close()
         if failure is not None:
             record.fail(failure, midway=False)
             await self._send_error(send, failure)

@@ -1,0 +1,149 @@
+"""The upstream client reports each way an upstream can fail as its own error — unreachable,
+refused with a reason, hung up mid-answer, gone silent — so the relay gives each its own
+status and message. The upstreams here are scripted HTTP servers on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import orjson
+import pytest
+from yarl import URL
+
+from tokenrelay.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
+from tokenrelay.providers.http import UpstreamClient
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
+    client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=read)
+    try:
+        response = await client.post_stream(URL(url), b"{}", {"content-type": "application/json"})
+        parts = []
+        try:
+            async for part in response:
+                parts.append(part)
+                if consume is not None:
+                    await consume(part)
+        finally:
+            response.close()
+        return b"".join(parts)
+    finally:
+        await client.aclose()
+
+
+async def with_server(handler: Handler, **kwargs) -> bytes:
+    """Serve one connection with ``handler`` and fetch from it; the server's side of the
+    connection is closed and awaited before returning, whatever the fetch raised."""
+    handled: list[asyncio.Task[None]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handled.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with server:
+            return await fetch(f"http://127.0.0.1:{port}/v1/chat/completions", **kwargs)
+    finally:
+        await asyncio.wait_for(asyncio.gather(*handled, return_exceptions=True), 5)
+
+
+def test_refused_connection_is_unavailable_not_a_timeout() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(UpstreamUnavailable, match="cannot reach upstream"):
+        asyncio.run(fetch(f"http://127.0.0.1:{port}/v1/chat/completions"))
+
+
+def test_refusal_carries_the_upstreams_reason_and_retry_after() -> None:
+    body = orjson.dumps({"error": {"message": "Slow down, please"}})
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 7\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    with pytest.raises(UpstreamRateLimited, match="upstream answered 429: Slow down, please") as info:
+        asyncio.run(with_server(handler))
+    assert info.value.headers == {"Retry-After": "7"}
+
+
+def test_refusal_without_a_json_body_names_the_status() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+
+    with pytest.raises(UpstreamError, match="upstream answered 503: Service Unavailable") as info:
+        asyncio.run(with_server(handler))
+    assert info.value.status == 502
+
+
+def test_upstream_hanging_up_mid_answer_is_unavailable() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(HEAD + b"6\r\ndata: \r\n")
+        await writer.drain()
+
+    with pytest.raises(UpstreamUnavailable, match="lost mid-stream"):
+        asyncio.run(with_server(handler))
+
+
+def test_silent_upstream_is_a_timeout() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(HEAD + chunked(b"data: 1\n\n"))
+        await writer.drain()
+        await reader.read()  # until the client gives up and closes
+
+    with pytest.raises(UpstreamTimeout, match="went silent"):
+        asyncio.run(with_server(handler, read=0.3))
+
+
+def test_upstream_that_never_answers_is_a_timeout() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the request, answers nothing
+
+    with pytest.raises(UpstreamTimeout, match="did not answer in time"):
+        asyncio.run(with_server(handler, read=0.3))
+
+
+def test_a_slow_reader_is_not_a_silent_upstream() -> None:
+    """Only time spent waiting for the upstream counts as silence: a relay held up by its
+    client for longer than the timeout reads on when it comes back."""
+    parts = [b"data: %d\n\n" % i for i in range(3)]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(HEAD + b"".join(chunked(p) for p in parts) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async def slow(_: bytes) -> None:
+        await asyncio.sleep(0.5)  # the held-up client, longer than the 0.2 s timeout
+
+    assert asyncio.run(with_server(handler, read=0.2, consume=slow)) == b"".join(parts)
+
+
+def test_a_whole_answer_arrives_unchanged() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(HEAD + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+
+    assert asyncio.run(with_server(handler)) == b"data: [DONE]\n\n"
