@@ -9,8 +9,8 @@ Two paths, picked by the upstream that accepted the request:
 * **encode** (the simulator, an Anthropic upstream): the provider's deltas are written as
   ``chat.completion.chunk`` events (``openai_chunks``).
 
-As in ``relay.RelayResponse``, the answer and a disconnect listener run in one task group,
-so a client that leaves closes the upstream request at once. Before the first byte, failures
+As in ``relay.RelayResponse``, a disconnect listener runs beside the answer, so a client
+that leaves closes the upstream request at once. Before the first byte, failures
 are an HTTP status with OpenAI's error body, after retries where they are safe
 (``routing``); after it, a ``data: {"error": …}`` event that the SDKs raise, and the end.
 """
@@ -21,8 +21,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
-import anyio.abc
 import orjson
 
 from ..errors import (
@@ -40,7 +38,7 @@ from ..providers.openai_compat import OpenAICompatible
 from ..routing import Attempts, Router, Upstream
 from ..schemas import ChatRequest, chat_from_openai
 from .openai_chunks import DONE, ChunkEncoder, Completion, error_event
-from .relay import CancellableResponse, StreamObserver, StreamRecord, yield_to_others
+from .relay import CancellableResponse, StreamObserver, StreamRecord, close_deltas, yield_to_others
 from .sse_watch import StreamWatch
 
 Send = Any
@@ -75,7 +73,7 @@ class V1Response(CancellableResponse):
             self._chat = chat_from_openai(self.body)
         return await provider.open(self._chat, model=self.record.model)
 
-    async def _run(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+    async def _run(self, send: Send) -> None:
         attempts = Attempts()
         try:
             opened = await self.router.open_with_retries(self.upstream, self._open, attempts)
@@ -194,7 +192,7 @@ class V1Response(CancellableResponse):
             record.fail(exc, midway=True)
             closing = error_event(exc)
         finally:
-            await _close(deltas)
+            await close_deltas(deltas)
         await send({"type": "http.response.body", "body": closing, "more_body": False})
 
     async def _encode_whole(self, send: Send, deltas: AsyncIterator[Delta]) -> None:
@@ -208,7 +206,7 @@ class V1Response(CancellableResponse):
             await self._send_error(send, exc)
             return
         finally:
-            await _close(deltas)
+            await close_deltas(deltas)
         record.first_token = time.perf_counter()
         record.usage, record.finish_reason = completion.usage, completion.finish_reason
         body = completion.body(id=_completion_id(record), model=record.model)
@@ -227,10 +225,3 @@ def _usage(raw: Any) -> Usage | None:
     prompt = int(raw.get("prompt_tokens") or 0)
     completion = int(raw.get("completion_tokens") or 0)
     return Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
-
-
-async def _close(deltas: AsyncIterator[Delta]) -> None:
-    aclose = getattr(deltas, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()

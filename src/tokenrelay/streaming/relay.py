@@ -1,9 +1,9 @@
 """The relay: provider deltas → wire encoder → the client's socket.
 
-``RelayResponse`` is a plain ASGI response. It runs the stream and a disconnect listener in
-one task group, as Starlette's ``StreamingResponse`` does: whichever ends first cancels the
-other, so a client that leaves — before the first token, midway, or during a one-shot
-request — closes the upstream request at once.
+``RelayResponse`` is a plain ASGI response. It runs the stream beside a disconnect listener,
+as Starlette's ``StreamingResponse`` does: a client that leaves — before the first token,
+midway, or during a one-shot request — cancels the stream, which closes the upstream
+request at once.
 
 Before the first byte, an upstream failure is still an HTTP status with a JSON error. After
 it, the status is gone: SSE says ``event: error``; plain text drops the connection without
@@ -20,8 +20,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import anyio
-import anyio.abc
 import orjson
 
 from ..errors import TokenrelayError, UpstreamError, error_headers
@@ -97,11 +95,13 @@ class StreamObserver(Protocol):
 
 
 class CancellableResponse:
-    """An ASGI response whose ``_run`` races a listener for the client's disconnect.
+    """An ASGI response whose ``_run`` is cancelled when the client disconnects.
 
-    Whichever ends first cancels the other (Starlette's ``StreamingResponse`` does the same),
-    so a client that leaves stops ``_run`` — and with it the upstream request — at once. The
-    request's log line and the observer's start and finish frame every outcome."""
+    A listener task waits for the client's disconnect beside ``_run`` (Starlette's
+    ``StreamingResponse`` does the same with an anyio task group; plain asyncio costs less
+    per request and per open stream, docs/performance.md), so a client that leaves stops
+    ``_run`` — and with it the upstream request — at once. The request's log line and the
+    observer's start and finish frame every outcome."""
 
     record: StreamRecord
     observer: StreamObserver | None
@@ -110,30 +110,37 @@ class CancellableResponse:
         self.record = record
         self.observer = observer
         self._finished = False
+        self._client_left = False
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if self.observer is not None:
             self.observer.stream_started(self.record)
+        task = asyncio.current_task()
+        assert task is not None
+        listener = asyncio.get_running_loop().create_task(self._listen_for_disconnect(receive, task))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
-                await self._run(send, tg)
-                self._finished = True
-                tg.cancel_scope.cancel()
+            await self._run(send)
+        except asyncio.CancelledError:
+            # The listener's cancellation ends the response; any other (shutdown) goes on.
+            if not self._client_left or task.uncancel() > 0:
+                raise
         finally:
+            self._finished = True
+            listener.cancel()
             _log_request(self.record)
             if self.observer is not None:
                 self.observer.stream_finished(self.record)
 
-    async def _run(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+    async def _run(self, send: Send) -> None:
         raise NotImplementedError
 
-    async def _listen_for_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+    async def _listen_for_disconnect(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         if not self._finished:
+            self._client_left = True
             self.record.outcome = "client_cancelled"
-            scope.cancel()
+            task.cancel()
 
 
 class RelayResponse(CancellableResponse):
@@ -152,8 +159,9 @@ class RelayResponse(CancellableResponse):
         self.heartbeat = heartbeat
         self._abort: UpstreamError | None = None
         self._last_send = 0.0
-        self._closing = anyio.Lock()
         self._sse_closed = False
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_task: asyncio.Task[None] | None = None
         self._headers = [
             (b"content-type", _CONTENT_TYPES[record.mode]),
             (b"cache-control", b"no-cache, no-transform"),
@@ -167,11 +175,11 @@ class RelayResponse(CancellableResponse):
         if self._abort is not None:
             raise StreamAborted(self._abort.message)
 
-    async def _run(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+    async def _run(self, send: Send) -> None:
         if self.record.mode == "text":
             await self._text(send)
         elif self.record.mode == "sse":
-            await self._sse(send, tg)
+            await self._sse(send)
         else:
             await self._json(send)
 
@@ -214,12 +222,12 @@ class RelayResponse(CancellableResponse):
                 await send_error(send, exc, request_id=record.request_id)
             return
         finally:
-            await _close(deltas)
+            await close_deltas(deltas)
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _sse(self, send: Send, tg: anyio.abc.TaskGroup) -> None:
+    async def _sse(self, send: Send) -> None:
         record = self.record
         deltas = await self._open(send)
         if deltas is None:
@@ -229,8 +237,9 @@ class RelayResponse(CancellableResponse):
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         start = sse.start(record.stream_id, record.model)
         await send({"type": "http.response.body", "body": start, "more_body": True})
-        self._last_send = time.monotonic()
-        tg.start_soon(self._ping, send)
+        loop = asyncio.get_running_loop()
+        self._last_send = loop.time()
+        self._arm_ping(send)
         seq = 0
         closing: bytes
         try:
@@ -242,7 +251,7 @@ class RelayResponse(CancellableResponse):
                         record.first_token = time.perf_counter()
                     body = sse.delta(seq, text)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
-                    self._last_send = time.monotonic()
+                    self._last_send = loop.time()
                     record.chunks += 1
                     record.bytes_out += len(body)
                     await yield_to_others()
@@ -253,26 +262,44 @@ class RelayResponse(CancellableResponse):
             record.fail(exc, midway=True)
             closing = sse.error(exc)
         finally:
-            await _close(deltas)
-        async with self._closing:
-            await send({"type": "http.response.body", "body": closing, "more_body": False})
-            self._sse_closed = True
+            self._stop_pings()
+            await close_deltas(deltas)
+        if self._ping_task is not None:  # a ping being written goes first: the last send ends the body
+            await asyncio.wait([self._ping_task])
+        await send({"type": "http.response.body", "body": closing, "more_body": False})
 
-    async def _ping(self, send: Send) -> None:
-        """Send ': ping' after each ``heartbeat`` seconds of silence.
+    def _arm_ping(self, send: Send) -> None:
+        """Send ': ping' after each ``heartbeat`` seconds of silence: a timer per stream,
+        re-armed when it fires, rather than a task that sleeps."""
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_at(self._last_send + self.heartbeat, self._ping_due, send)
 
-        Every send is a whole event, so a ping interleaving with a delta is harmless; only
-        the final send must not be overtaken, hence the lock around both."""
-        while True:
-            wait = self._last_send + self.heartbeat - time.monotonic()
-            if wait > 0:
-                await anyio.sleep(wait)
-                continue
-            async with self._closing:
-                if self._sse_closed:
-                    return
-                await send({"type": "http.response.body", "body": sse.PING, "more_body": True})
-            self._last_send = time.monotonic()
+    def _ping_due(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sse_closed:
+            return
+        if loop.time() < self._last_send + self.heartbeat:
+            self._arm_ping(send)
+            return
+        self._ping_timer = None
+        self._ping_task = loop.create_task(self._send_ping(send))
+
+    async def _send_ping(self, send: Send) -> None:
+        try:
+            await send({"type": "http.response.body", "body": sse.PING, "more_body": True})
+        except OSError:
+            return  # the client is gone; the disconnect listener ends the stream
+        finally:
+            self._ping_task = None
+        self._last_send = asyncio.get_running_loop().time()
+        if not self._sse_closed:
+            self._arm_ping(send)
+
+    def _stop_pings(self) -> None:
+        self._sse_closed = True
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
 
     async def _json(self, send: Send) -> None:
         record = self.record
@@ -294,7 +321,7 @@ class RelayResponse(CancellableResponse):
             await send_error(send, exc, request_id=record.request_id)
             return
         finally:
-            await _close(deltas)
+            await close_deltas(deltas)
         body = orjson.dumps(
             {
                 "text": "".join(parts),
@@ -319,13 +346,13 @@ async def yield_to_others() -> None:
     await asyncio.sleep(0)
 
 
-async def _close(deltas: AsyncIterator[Delta]) -> None:
-    """Close the provider's iterator — and with it the upstream request — even when this
-    task is being cancelled because the client left."""
+async def close_deltas(deltas: AsyncIterator[Delta]) -> None:
+    """Close the provider's iterator, and with it the upstream request. Providers close
+    their upstream response without waiting (``UpstreamResponse.close``), so this finishes
+    even in a task being cancelled because the client left."""
     aclose = getattr(deltas, "aclose", None)
     if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()
+        await aclose()
 
 
 async def send_error(send: Send, exc: TokenrelayError, *, request_id: str | None = None) -> None:
