@@ -346,12 +346,17 @@ class Bench:
         tokens = max(1, round(s.w3_seconds / s.w3_interval))
         ask = make_ask(ttft=0, tps=1 / s.w3_interval, tokens=tokens)
         out: dict[str, Any] = {}
-        # One route: opening thousands of streams is what costs here, and the routes share it.
-        for name in [n for n in ("tokenrelay-sse",) if n in self.targets]:
-            for streams in s.w3_streams:
+        # One relay route: opening thousands of streams is what costs here, and the routes
+        # share it. Direct runs first at each size: whether the simulator and the load
+        # generator hold that many streams themselves, on the same cores.
+        for streams in s.w3_streams:
+            for name in [n for n in ("direct", "tokenrelay-sse") if n in self.targets]:
                 key = f"{name} ×{streams}"
-                async with self.fresh_relay(name) as (server, target):
-                    out[key] = await self._many_streams(target, server, ask, streams)
+                if name == "direct":
+                    out[key] = await self._many_streams(self.targets[name], self.servers["sim"], ask, streams)
+                else:
+                    async with self.fresh_relay(name) as (server, target):
+                        out[key] = await self._many_streams(target, server, ask, streams)
                 self.log(f"  W3 {key}: {out[key]['kb_per_stream']} KB/stream, stalled {out[key]['stalled_streams']},"
                          f" completed {out[key]['completed']}/{out[key]['streams']}")
         return {"params": {"streams": list(s.w3_streams), "interval_ms": s.w3_interval * 1000, "tokens": tokens,
