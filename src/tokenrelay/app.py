@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -57,6 +57,36 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+class StreamRoutes:
+    """``POST /api/get-response`` and ``POST /v1/chat/completions`` as plain ASGI, in front
+    of Starlette's exception middleware and router.
+
+    Every request and every open stream of these two routes would otherwise carry
+    Starlette's router, request/response wrapper and two exception-handling layers around
+    each ``send``: about 5 KB per open stream and CPU on every chunk (docs/performance.md).
+    Their ``TokenrelayError``s are answered here by the same handler the app registers;
+    other methods fall through to the router, which answers 405."""
+
+    def __init__(self, app: Any, endpoints: dict[str, Callable[[Request], Awaitable[Any]]]) -> None:
+        self.app = app
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            endpoint = self.endpoints.get(path[len(root):] if root and path.startswith(root) else path)
+            if endpoint is not None:
+                request = Request(scope, receive)
+                try:
+                    response = await endpoint(request)
+                except TokenrelayError as exc:
+                    response = await _tokenrelay_error(request, exc)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _tokenrelay_error(request: Request, exc: Exception) -> Response:
@@ -149,14 +179,14 @@ def create_app(settings: Settings) -> Starlette:
     metrics = Metrics()
     routes = [
         Route("/", _index, methods=["GET"]),
-        Route("/api/get-response", get_response, methods=["POST"]),
+        Route("/api/get-response", get_response, methods=["POST"]),  # POST served by StreamRoutes
         Route("/api/info", info, methods=["GET"]),
         Route("/api/jobs", create_job, methods=["POST"]),
         Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/stream", stream_job, methods=["GET"]),
         Route("/api/probe", probe, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),  # likewise
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -172,6 +202,8 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={TokenrelayError: _tokenrelay_error, HTTPException: _http_error},
     )
     app.state.keys = keys
+    app.add_middleware(StreamRoutes, endpoints={"/api/get-response": get_response,
+                                                "/v1/chat/completions": chat_completions})
     if keys or limiter.enabled:
         app.add_middleware(AccessMiddleware, keys=keys, limiter=limiter)
     app.state.metrics = metrics

@@ -155,7 +155,7 @@ class RelayResponse(CancellableResponse):
     ) -> None:
         super().__init__(record, observer)
         self.provider = provider
-        self.request = request
+        self.request: ChatRequest | None = request
         self.heartbeat = heartbeat
         self._abort: UpstreamError | None = None
         self._last_send = 0.0
@@ -185,7 +185,10 @@ class RelayResponse(CancellableResponse):
 
     async def _open(self, send: Send) -> AsyncIterator[Delta] | None:
         try:
-            return await self.provider.open(self.request, model=self.record.model)
+            # The request is the provider's from here: not kept for the stream's lifetime.
+            request, self.request = self.request, None
+            assert request is not None
+            return await self.provider.open(request, model=self.record.model)
         except TokenrelayError as exc:
             self.record.fail(exc, midway=False)
             await send_error(send, exc, request_id=self.record.request_id)
