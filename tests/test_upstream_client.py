@@ -147,3 +147,113 @@ def test_a_whole_answer_arrives_unchanged() -> None:
         await writer.drain()
 
     assert asyncio.run(with_server(handler)) == b"data: [DONE]\n\n"
+
+
+def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstream_closed_it() -> None:
+    """Answers read to their end leave their connection for the next request; a kept
+    connection the upstream closed meanwhile is replaced without the caller noticing."""
+    connections = 0
+    close_after_answer = False
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+                if close_after_answer:
+                    break
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def go() -> list[bytes]:
+        nonlocal close_after_answer
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
+        bodies = []
+        try:
+            for i in range(4):
+                if i == 2:
+                    close_after_answer = True  # the upstream now hangs up after each answer
+                response = await client.post_stream(url, b"{}", {})
+                bodies.append(await response.read())
+                response.close()
+                if i == 2:
+                    # the pooled connection is closed by the upstream before the next request
+                    async with asyncio.timeout(5):
+                        while not response._conn.closed:
+                            await asyncio.sleep(0.01)
+        finally:
+            await client.aclose()
+            server.close()
+        return bodies
+
+    assert asyncio.run(go()) == [b"ok"] * 4
+    assert connections == 2  # requests 1-3 on the first connection, 4 on a new one
+
+
+def test_a_body_that_ends_with_the_connection_is_whole() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\ndata: 1\n\ndata: 2\n\n")
+        await writer.drain()
+
+    assert asyncio.run(with_server(handler)) == b"data: 1\n\ndata: 2\n\n"
+
+
+def test_an_unread_answer_stops_the_upstream_from_writing() -> None:
+    """A reader that stops reading stops the upstream too (through TCP), so an answer is
+    never buffered whole: what the upstream got written stays far below the answer."""
+    piece = b"x" * 16384
+    total = 2000  # 33 MB; socket buffers on loopback hold a few MB of it
+    written = 0
+
+    handled: list[asyncio.Task[None]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        handled.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (len(piece) * total))
+            for _ in range(total):
+                writer.write(piece)
+                await writer.drain()
+                written += 1
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def go() -> tuple[int, int]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=30.0)
+        try:
+            response = await client.post_stream(url, b"{}", {})
+            # Not reading: wait until the upstream's writes stop getting through.
+            last, stable_since = -1, asyncio.get_running_loop().time()
+            async with asyncio.timeout(10):
+                while asyncio.get_running_loop().time() - stable_since < 0.3:
+                    if written != last:
+                        last, stable_since = written, asyncio.get_running_loop().time()
+                    await asyncio.sleep(0.02)
+            held_back_at = written
+            received = sum([len(chunk) async for chunk in response])
+            response.close()
+            return held_back_at, received
+        finally:
+            await client.aclose()
+            server.close()
+            await asyncio.wait_for(asyncio.gather(*handled, return_exceptions=True), 5)
+
+    held_back_at, received = asyncio.run(go())
+    assert held_back_at < total // 2, f"the upstream wrote {held_back_at} of {total} pieces to a reader that read none"
+    assert received == len(piece) * total

@@ -1,4 +1,4 @@
-"""The upstream hop both HTTP providers share: one pooled aiohttp session per upstream.
+"""The upstream hop both HTTP providers share: a pool of keep-alive connections per upstream.
 
 ``UpstreamClient.post_stream`` returns once the upstream answered 200. A refusal (any other
 status, read and closed with the upstream's own reason) or an unreachable upstream is raised
@@ -7,25 +7,21 @@ an honest status code. Iterating the ``UpstreamResponse`` then yields the body a
 piece per network read, and raises ``UpstreamTimeout`` after ``read_timeout`` seconds of
 silence or ``UpstreamUnavailable`` if the upstream hangs up mid-answer.
 
-aiohttp's client is used directly, without a wrapper API on top: on the relay's hot path it
-costs less CPU per request and per read than httpx, alone or over aiohttp
-(docs/performance.md). Silence is watched by one timer per response that re-arms only when
-it fires, not by aiohttp's ``sock_read`` timeout, which re-arms a timer on every read —
-the top frame of a profile with thousands of open streams.
+The connections are ``http11``'s: on the relay's hot path, a general HTTP client cost more
+CPU per request than the rest of tokenrelay together (docs/performance.md). Silence is
+watched by one timer per response that re-arms only when it fires, rather than a timer
+re-armed on every read — the top frame of a profile with thousands of open streams.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-
-import aiohttp
 import orjson
-from multidict import CIMultiDictProxy
 from yarl import URL
 
 from ..errors import UpstreamTimeout, UpstreamUnavailable
 from .base import error_for_status
+from .http11 import BadResponse, Connection, ConnectionLost, Pool
 
 # Compressed SSE would be held back by the decompressor; ask for it plain.
 SSE_REQUEST_HEADERS = {
@@ -39,60 +35,49 @@ ERROR_BODY_LIMIT = 64 * 1024
 
 
 class UpstreamClient:
-    """A pool of keep-alive connections to one upstream, opened on first use (aiohttp's
-    session belongs to the event loop that runs the requests)."""
+    """A pool of keep-alive connections to one upstream."""
 
     def __init__(self, *, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = Pool(size=pool_size)
 
-    def _open_session(self) -> aiohttp.ClientSession:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout,
-                                          sock_connect=self.connect_timeout, sock_read=None),
-            cookie_jar=aiohttp.DummyCookieJar(),  # an API upstream sets no cookies worth keeping
-            auto_decompress=False,  # bytes pass through as sent, with their content-encoding
-            headers={"user-agent": "tokenrelay"},
-        )
-        return self._session
-
-    async def post_stream(self, url: URL, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def post_stream(self, url: URL, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """The response once its status is 200; the caller reads it and must ``close`` it."""
-        response = await self._send("POST", url, headers, body, self.read_timeout)
-        if response.status != 200:
+        conn = await self._send("POST", url, headers, body, self.read_timeout)
+        if conn.status != 200:
+            status, reason, retry_after = conn.status, conn.reason.strip(), conn.headers.get("retry-after")
             try:
-                raw = await _read_some(response, ERROR_BODY_LIMIT, self.read_timeout)
+                raw = await _read_some(conn, ERROR_BODY_LIMIT, self.read_timeout)
             finally:
-                response.close()
-            raise error_for_status(response.status, upstream_reason(raw) or response.reason or "",
-                                   retry_after=response.headers.get("retry-after"))
-        return UpstreamResponse(response, self.read_timeout)
+                if not conn.complete:  # the rest of a long refusal is not read: not reusable
+                    conn.abort(ConnectionLost("refusal not read to its end"))
+                conn.release()
+            raise error_for_status(status, upstream_reason(raw) or reason, retry_after=retry_after)
+        return UpstreamResponse(conn, self.read_timeout)
 
-    async def get(self, url: URL, headers: Mapping[str, str], *, timeout: float) -> tuple[int, bytes]:
+    async def get(self, url: URL, headers: dict[str, str], *, timeout: float) -> tuple[int, bytes]:
         """A short request answered as a whole (``GET /models``): its status and body."""
-        response = await self._send("GET", url, headers, None, timeout)
+        conn = await self._send("GET", url, headers, None, timeout)
+        status = conn.status
         try:
-            return response.status, await _read_some(response, 1 << 20, timeout)
+            return status, await _read_some(conn, 1 << 20, timeout)
         finally:
-            response.close()
+            conn.release()
 
-    async def _send(self, method: str, url: URL, headers: Mapping[str, str], body: bytes | None,
-                    timeout: float) -> aiohttp.ClientResponse:
-        session = self._session or self._open_session()
+    async def _send(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
+                    timeout: float) -> Connection:
         try:
             async with asyncio.timeout(timeout):  # until the status line and headers
-                return await session.request(method, url, data=body, headers=headers, allow_redirects=False)
-        except TimeoutError:  # aiohttp's connect timeout is one too
+                return await self._pool.request(method, url, headers, body, connect_timeout=self.connect_timeout)
+        except TimeoutError:  # the connect timeout is one too
             raise UpstreamTimeout("upstream did not answer in time") from None
-        except aiohttp.ClientError as exc:
+        except (OSError, ConnectionLost, BadResponse) as exc:
             raise UpstreamUnavailable(f"cannot reach upstream: {_describe(exc)}") from None
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        self._pool.close()
 
 
 class _Silence(Exception):
@@ -102,14 +87,14 @@ class _Silence(Exception):
 class UpstreamResponse:
     """A 200 answer whose body is read as it arrives (``async for``) or whole (``read``)."""
 
-    def __init__(self, response: aiohttp.ClientResponse, read_timeout: float) -> None:
-        self._response = response
-        self.headers: CIMultiDictProxy[str] = response.headers
+    def __init__(self, conn: Connection, read_timeout: float) -> None:
+        self._conn = conn
+        self.headers = conn.headers
+        """Response headers, names in lower case."""
         self._read_timeout = read_timeout
         self._waiting_since: float | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
-        self._content = response.content
 
     def __aiter__(self) -> UpstreamResponse:
         if self._watchdog is None:
@@ -117,18 +102,15 @@ class UpstreamResponse:
         return self
 
     async def __anext__(self) -> bytes:
-        """The next piece of the body, as one network read (or more) delivered it.
-
-        An iterator object rather than an async generator: a generator left unfinished
-        (after ``[DONE]``) would be closed later by a task the event loop creates for it."""
+        """The next piece of the body: what arrived since the last piece was taken."""
         # Silence counts only while waiting here: a relay held up by a slow client is not
         # an upstream gone quiet.
         self._waiting_since = self._loop.time()
         try:
-            chunk = await self._content.readany()
+            chunk = await self._conn.read()
         except _Silence:
             raise UpstreamTimeout("upstream went silent mid-stream") from None
-        except aiohttp.ClientError as exc:
+        except (ConnectionLost, BadResponse) as exc:
             raise UpstreamUnavailable(f"upstream connection lost mid-stream: {_describe(exc)}") from None
         finally:
             self._waiting_since = None
@@ -141,7 +123,7 @@ class UpstreamResponse:
         since = self._waiting_since
         if since is not None and now - since >= self._read_timeout:
             self._watchdog = None
-            self._content.set_exception(_Silence())
+            self._conn.abort(_Silence())
             return
         due = (since if since is not None else now) + self._read_timeout
         self._watchdog = self._loop.call_at(due, self._check_silence)
@@ -155,7 +137,7 @@ class UpstreamResponse:
         connection goes back to the pool instead of being closed half-read: reconnecting
         cost every request about a millisecond (docs/performance.md). An upstream that keeps
         the stream open longer than ``grace`` seconds loses its connection instead."""
-        if self._content.is_eof():
+        if self._conn.complete:
             return
         try:
             async with asyncio.timeout(grace):
@@ -165,26 +147,26 @@ class UpstreamResponse:
             pass
 
     def close(self) -> None:
-        """Stop reading. A body read to its end has already gone back to the pool; one cut
-        short closes its connection, which is how the upstream learns to stop generating."""
+        """Stop reading. A body read to its end goes back to the pool; one cut short closes
+        its connection, which is how the upstream learns to stop generating."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        self._response.close()
+        self._conn.release()
 
 
-async def _read_some(response: aiohttp.ClientResponse, limit: int, timeout: float) -> bytes:
+async def _read_some(conn: Connection, limit: int, timeout: float) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout):
             while size < limit:
-                chunk = await response.content.readany()
+                chunk = await conn.read()
                 if not chunk:
                     break
                 parts.append(chunk)
                 size += len(chunk)
-    except (TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, ConnectionLost, BadResponse):
         pass
     return b"".join(parts)[:limit]
 
