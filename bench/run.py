@@ -51,6 +51,10 @@ def make_ask(*, ttft: float, tps: float, tokens: int, question: str = QUESTION) 
     return Ask(model=model, question=question, tokens=len(words), text_bytes=len("".join(words).encode()))
 
 
+QUIET_WINDOW = 0.1  # seconds
+QUIET_CORES = 0.05  # servers using less than this share of a core, together, are quiet
+
+
 class MachineMeter:
     """CPU the machine spent on other things than this run (other users' work), in cores."""
 
@@ -215,14 +219,27 @@ class Bench:
             server.stop()
 
     async def settle(self, timeout: float = 10.0) -> None:
-        """Wait until the simulator has no stream open: every stream cut at a deadline has
-        been let go by the relay in between, so the next measurement starts clean."""
+        """Wait until the simulator has no stream open — every stream cut at a deadline has
+        been let go by the relay in between — and until every server has gone quiet: a
+        gateway still busy with the last run's work would otherwise load the machine
+        under the next target's measurement."""
         deadline = time.monotonic() + timeout
         while (await sim_stats(self.servers["sim"]))["open_streams"] > 0:
             if time.monotonic() > deadline:
                 self.log("  (streams still open at the simulator after the settle timeout)")
                 return
             await asyncio.sleep(0.02)
+        servers = list(self.servers.values())
+        used = sum(s.cpu_seconds() for s in servers)
+        while True:
+            await asyncio.sleep(QUIET_WINDOW)
+            now = sum(s.cpu_seconds() for s in servers)
+            if now - used < QUIET_CORES * QUIET_WINDOW:
+                return
+            if time.monotonic() > deadline:
+                self.log(f"  (servers still busy after the settle timeout: {(now - used) / QUIET_WINDOW:.2f} cores)")
+                return
+            used = now
 
     # W0: sequential per-request overhead, interleaved rounds -----------------------------
 
@@ -274,10 +291,10 @@ class Bench:
         for wave in range(s.w1_waves):
             order = list(self.targets.items())
             for name, target in (order if wave % 2 == 0 else order[::-1]):
+                await self.settle()
                 run = await run_streams(target, ask, concurrency=s.w1_streams, stagger=stagger,
                                         deadline=s.w1_tokens * s.w1_interval * 4 + 30)
                 runs[name].append(run)
-                await self.settle()
         out: dict[str, Any] = {}
         for name, done in runs.items():
             out[name] = summarize(loadgen.RunResult(streams=[x for r in done for x in r.streams],
