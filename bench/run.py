@@ -20,6 +20,7 @@ import contextlib
 import os
 import platform
 import resource
+import random
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -251,9 +252,13 @@ class Bench:
         errors: dict[str, int] = {n: 0 for n in names}
         sessions = {n: make_session() for n in names}
         try:
-            for r in range(s.w0_rounds):
-                # Rotate the order so no target always runs right after another.
-                order = names[r % len(names):] + names[:r % len(names)]
+            shuffler = random.Random(0)
+            for _ in range(s.w0_rounds):
+                # A new order every round: a process that has been idle answers its first
+                # request slower, so a fixed order (even rotated) would charge that to
+                # whichever of the relay's routes always comes first after direct.
+                order = names[:]
+                shuffler.shuffle(order)
                 for name in order:
                     result = await one_stream(sessions[name], self.targets[name], ask, keep_gaps=False)
                     if result.ok and result.ttft is not None:
@@ -276,7 +281,7 @@ class Bench:
                 "added_ttft_ms": {"p50": ms(med - direct_med) if med is not None else None,
                                   "p90": ms(p90 - direct_p90) if p90 is not None else None},
             }
-        return {"params": {"rounds": s.w0_rounds, "model": ask.model, "order": "interleaved, rotating"},
+        return {"params": {"rounds": s.w0_rounds, "model": ask.model, "order": "interleaved, a new random order every round (seeded)"},
                 "results": out}
 
     # W1: latency under load --------------------------------------------------------------
@@ -300,13 +305,23 @@ class Bench:
             out[name] = summarize(loadgen.RunResult(streams=[x for r in done for x in r.streams],
                                                     elapsed=sum(r.elapsed for r in done),
                                                     tokens=sum(r.tokens for r in done)))
+            # A stall of the whole machine (tens of ms) lands on one wave and would be the
+            # pooled p99 of whichever target ran then; the median of the waves' p99s is what
+            # the added figures compare, so one such wave does not decide a goal.
+            waves = [summarize(r) for r in done]
+            for key in ("ttft_ms", "gap_ms"):
+                p99s = [w[key]["p99"] for w in waves if w[key]["p99"] is not None]
+                out[name][key]["p99_waves"] = round(statistics.median(p99s), 3) if p99s else None
             self.log(f"  W1 {name}: ttft p99 {out[name]['ttft_ms']['p99']} ms, gap p99 {out[name]['gap_ms']['p99']} ms,"
                      f" errors {out[name]['errors']}")
         direct = out["direct"]
         for name, figures in out.items():
             figures["added_ttft_ms"] = {
-                k: _sub(figures["ttft_ms"][k], direct["ttft_ms"][k]) for k in ("p50", "p99")}
-            figures["added_gap_ms"] = {k: _sub(figures["gap_ms"][k], direct["gap_ms"][k]) for k in ("p50", "p99")}
+                "p50": _sub(figures["ttft_ms"]["p50"], direct["ttft_ms"]["p50"]),
+                "p99": _sub(figures["ttft_ms"]["p99_waves"], direct["ttft_ms"]["p99_waves"])}
+            figures["added_gap_ms"] = {
+                "p50": _sub(figures["gap_ms"]["p50"], direct["gap_ms"]["p50"]),
+                "p99": _sub(figures["gap_ms"]["p99_waves"], direct["gap_ms"]["p99_waves"])}
         return {"params": {"streams": s.w1_streams, "waves": s.w1_waves, "tokens": s.w1_tokens,
                            "interval_ms": s.w1_interval * 1000, "arrivals": "spread over 1 s",
                            "order": "waves alternate the order of the targets", "model": ask.model},

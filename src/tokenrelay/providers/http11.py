@@ -3,8 +3,8 @@ llhttp (through ``httptools``, the parser uvicorn serves tokenrelay with) parsin
 
 Written for one job — send a request, read a streamed answer piece by piece, keep the
 connection for the next request — because on the relay's hot path the general clients cost
-more than everything else tokenrelay does per request: aiohttp about 240 µs of CPU per
-request, this about 70 µs (docs/performance.md). What it leaves out on purpose: redirects,
+more than everything else tokenrelay does per request: aiohttp 188 µs of CPU per request,
+this 103 µs (docs/performance.md). What it leaves out on purpose: redirects,
 cookies, proxies, compression (the body passes through as sent), HTTP/2 and ``Expect``.
 
 ``Pool.request`` returns a ``Connection`` whose response headers have arrived; the caller
