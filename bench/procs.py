@@ -73,7 +73,8 @@ class Server:
         env = " ".join(f"{k}={v}" for k, v in self.env.items()
                        if not k.startswith("PYTHON") and not k.endswith("_KEY"))
         args = " ".join(a if " " not in a else repr(a) for a in self.args)
-        return f"{env} {args}".strip()
+        # Paths relative to the checkout, so a results file reads the same on any machine.
+        return f"{env} {args}".strip().replace(sys.executable, "python").replace(str(ROOT) + "/", "")
 
     def _tree(self) -> list[psutil.Process]:
         try:
