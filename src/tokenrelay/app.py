@@ -170,7 +170,7 @@ def create_app(settings: Settings) -> Starlette:
             log.info("client keys: %s; limits: %s", len(keys) or "off (limits per client address)",
                      limiter.describe() if limiter.enabled else "none")
         # Everything made so far (modules, settings, the app) lives as long as the process;
-        # frozen, the collector stops walking it: a full collection took about 20 ms, a stall
+        # frozen, the collector stops walking it: a full collection took 33-40 ms, a stall
         # of every open stream each time it ran (docs/performance.md).
         gc.freeze()
         try:

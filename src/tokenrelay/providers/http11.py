@@ -94,7 +94,9 @@ class Connection(asyncio.Protocol):
             reason = f": {exc}" if exc else ""
             self._fail(ConnectionLost(f"the upstream closed the connection{reason}"))
 
-    def pause_writing(self) -> None:  # requests are small; nothing waits to write more
+    def pause_writing(self) -> None:
+        # A request is written whole, once; the transport keeps what the socket has not
+        # taken yet, and nothing else is waiting to write.
         pass
 
     def resume_writing(self) -> None:
