@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -261,16 +262,15 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     if webhook_url:
         raise click.UsageError("--webhook-url needs --job")
     out = sys.stdout
+    previous = signal.signal(signal.SIGINT, _leave_on_ctrl_c)
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
                               flush=out.flush, key=key)
     except AskFailed as exc:
         out.write("\n")
         raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        out.write("\n")
-        click.echo("cancelled", err=True)
-        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out.write("\n")
     out.flush()
     if verbose:
@@ -323,6 +323,17 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     else:
         click.echo(render(report), nl=False)
     sys.exit(report.exit_code)
+
+
+def _leave_on_ctrl_c(signum: int, frame: Any) -> None:
+    """Ctrl-C while an answer streams: leave at once. Unwinding a KeyboardInterrupt through
+    the HTTP client from wherever the signal landed could block in its connection pool;
+    the process ending closes the connection, which is what stops the model."""
+    with contextlib.suppress(Exception):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    os.write(2, b"cancelled\n")
+    os._exit(130)
 
 
 def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose: bool,
