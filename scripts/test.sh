@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real servers and a real browser from Debian's packages.
-packages=(chromium nginx redis-server caddy haproxy nodejs npm)
-commands=(chromium nginx redis-server caddy haproxy node npm)
+packages=(chromium nginx redis-server caddy haproxy nodejs npm openssl)
+commands=(chromium nginx redis-server caddy haproxy node npm openssl)
 missing=()
 for i in "${!commands[@]}"; do
   command -v "${commands[$i]}" >/dev/null 2>&1 || [ -x "/usr/sbin/${commands[$i]}" ] || missing+=("${packages[$i]}")

@@ -257,3 +257,44 @@ def test_an_unread_answer_stops_the_upstream_from_writing() -> None:
     held_back_at, received = asyncio.run(go())
     assert held_back_at < total // 2, f"the upstream wrote {held_back_at} of {total} pieces to a reader that read none"
     assert received == len(piece) * total
+
+
+def test_an_https_upstream_is_verified_and_read(tmp_path, monkeypatch) -> None:
+    """TLS with the system's verification: the upstream's certificate must be trusted
+    (here one made for the test, named in SSL_CERT_FILE), and the answer arrives as sent."""
+    import shutil
+    import ssl
+    import subprocess
+
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "openssl is needed to make the test's certificate"
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ssl.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(HEAD + chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+        except (ssl.SSLError, asyncio.IncompleteReadError):
+            pass  # the client refused the certificate
+        finally:
+            writer.close()
+
+    async def fetch_tls() -> bytes:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ssl)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await fetch(f"https://localhost:{port}/v1/chat/completions")
+        finally:
+            server.close()
+
+    # Not trusted: refused as unreachable, with the reason.
+    with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(fetch_tls())
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    assert asyncio.run(fetch_tls()) == b"data: [DONE]\n\n"
