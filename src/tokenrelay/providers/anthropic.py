@@ -22,7 +22,7 @@ from yarl import URL
 from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
 from ..schemas import ChatRequest, message_text
 from ..streaming.sse_decoder import SSEDecoder
-from .base import Delta, ToolCallDelta, Usage
+from .base import Delta, ToolCallDelta, Usage, event_object
 from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse
 
 API_VERSION = "2023-06-01"
@@ -93,12 +93,7 @@ class EventMapper:
         self._finish: str | None = None
 
     def map(self, data: str) -> Delta | None:
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {data[:80]!r}") from None
-        if not isinstance(event, dict):
-            raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
+        event = event_object(data)
         kind = event.get("type")
         if kind == "content_block_delta":
             delta = event.get("delta") or {}

@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import UpstreamError, UpstreamRateLimited, UpstreamRejected
+import orjson
+
+from ..errors import UpstreamError, UpstreamProtocolError, UpstreamRateLimited, UpstreamRejected
 from ..schemas import ChatRequest
 
 
@@ -90,3 +92,14 @@ def error_for_status(status: int, reason: str, *, retry_after: str | None = None
     exc.upstream_status = status
     exc.reason = reason
     return exc
+
+
+def event_object(data: str) -> dict[str, Any]:
+    """The JSON object an upstream's SSE event carries; anything else breaks the stream."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {data[:80]!r}") from None
+    if not isinstance(event, dict):
+        raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
+    return event

@@ -18,7 +18,7 @@ from ..config import Settings
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..schemas import ChatRequest
 from ..streaming.sse_decoder import SSEDecoder
-from .base import Delta, Usage
+from .base import Delta, Usage, event_object
 from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, error_message
 
 
@@ -148,12 +148,7 @@ async def chat_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
 
 def _delta(data: str) -> Delta | None:
     """One ``chat.completion.chunk`` → a Delta (None when it carries nothing)."""
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {data[:80]!r}") from None
-    if not isinstance(chunk, dict):
-        raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
+    chunk = event_object(data)
     if "error" in chunk:
         raise UpstreamError(f"upstream sent an error: {error_message(chunk['error'])}")
     text = ""
