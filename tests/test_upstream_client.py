@@ -200,6 +200,50 @@ def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstrea
     assert connections == 2  # requests 1-3 on the first connection, 4 on a new one
 
 
+def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_new_one() -> None:
+    """The race every keep-alive client meets: the upstream closes an idle connection just
+    as the next request is sent on it. No byte of answer came back, so the request goes
+    again on a new connection, and the caller sees only the answer."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first_connection = connections == 1
+        try:
+            for answered in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                if first_connection and answered == 1:
+                    return  # the second request on the kept connection: hang up, unanswered
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def go() -> list[bytes]:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
+        bodies = []
+        try:
+            for _ in range(2):
+                response = await client.post_stream(url, b"{}", {})
+                bodies.append(await response.read())
+                response.close()
+        finally:
+            await client.aclose()
+            server.close()
+        return bodies
+
+    assert asyncio.run(go()) == [b"ok", b"ok"]
+    assert connections == 2
+
+
 def test_a_body_that_ends_with_the_connection_is_whole() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

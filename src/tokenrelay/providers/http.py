@@ -38,7 +38,6 @@ class UpstreamClient:
     """A pool of keep-alive connections to one upstream."""
 
     def __init__(self, *, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
-        self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._pool = Pool(size=pool_size)

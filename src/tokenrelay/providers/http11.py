@@ -225,30 +225,24 @@ class Pool:
         """Send the request and wait for the response headers; the caller must ``release``
         the connection. A kept connection that the upstream closed meanwhile (found out
         before any byte of answer came back) is replaced by a new one, once."""
-        head = _head(method, url, headers, body)
+        data = _head(method, url, headers, body) + (body or b"")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.size)
         await self._slots.acquire()
         try:
-            for attempt in (1, 2):
-                conn, reused = await self._connection(url, connect_timeout)
-                try:
-                    conn.send(head + body if body else head)
-                    await conn.response_headers()
-                except ConnectionLost:
-                    conn.close()
-                    if reused and not conn.received and attempt == 1:
-                        continue
+            conn, reused = await self._connection(url, connect_timeout)
+            try:
+                await _exchange(conn, data)
+            except ConnectionLost:
+                if not reused or conn.received:
                     raise
-                except BaseException:
-                    conn.close()
-                    raise
-                conn.in_use = True
-                return conn
-            raise AssertionError("unreachable: the second attempt returns or raises")
+                conn, _ = await self._connection(url, connect_timeout)
+                await _exchange(conn, data)
         except BaseException:
             self._slots.release()
             raise
+        conn.in_use = True
+        return conn
 
     def slot_free(self) -> None:
         assert self._slots is not None
@@ -296,6 +290,17 @@ class Pool:
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+async def _exchange(conn: Connection, data: bytes) -> None:
+    """Send a request on ``conn`` and wait for its response headers; a connection that
+    failed or was given up on meanwhile is closed."""
+    try:
+        conn.send(data)
+        await conn.response_headers()
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _head(method: str, url: URL, headers: dict[str, str], body: bytes | None) -> bytes:
