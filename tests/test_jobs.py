@@ -153,16 +153,23 @@ def test_stream_of_a_failing_job_ends_with_error(client: httpx.Client) -> None:
     assert wait_ended(client, job["id"])["status"] == "failed"
 
 
-def test_cancel_a_running_job_stops_the_upstream(client: httpx.Client, sim_server: SimServer) -> None:
+def cancel_a_running_job(client: httpx.Client, sim_server: SimServer) -> dict[str, Any]:
+    """Submit a long job, cancel it while it runs, and check that its upstream stream was
+    cancelled at the simulator (whichever process ran it); the cancelled job."""
     sim_server.wait_idle(timeout=10)
     before = sim_server.stats()
     job = submit(client, chat(model="sim:ttft=0,tps=5,tokens=200"))
     wait_until(lambda: client.get(f"/api/jobs/{job['id']}").json()["status"] == "running")
     wait_until(lambda: sim_server.stats()["open_streams"] == 1)
     response = client.delete(f"/api/jobs/{job['id']}")
-    assert response.status_code == 200 and response.json()["status"] == "cancelled"
-    after = sim_server.wait_idle(timeout=5)
+    assert response.status_code == 200 and response.json()["status"] == "cancelled", response.text
+    after = sim_server.wait_idle(timeout=10)
     assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+    return job
+
+
+def test_cancel_a_running_job_stops_the_upstream(client: httpx.Client, sim_server: SimServer) -> None:
+    job = cancel_a_running_job(client, sim_server)
     again = client.delete(f"/api/jobs/{job['id']}")
     assert again.status_code == 409 and "cancelled" in again.json()["error"]["message"]
     events, _ = read_events(client, job["id"])

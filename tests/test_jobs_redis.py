@@ -16,7 +16,7 @@ import pytest
 
 from servers import RelayServer, SimServer, stop_process, wait_until
 from streams import chat
-from test_jobs import read_events, submit, wait_ended
+from test_jobs import cancel_a_running_job, read_events, submit, wait_ended
 from webhook_receiver import SECRET, running_receiver
 
 
@@ -90,15 +90,7 @@ def test_idempotency_key_on_redis(client: httpx.Client) -> None:
 
 
 def test_cancel_reaches_the_worker_and_the_upstream(client: httpx.Client, sim_server: SimServer) -> None:
-    sim_server.wait_idle(timeout=10)
-    before = sim_server.stats()
-    job = submit(client, chat(model="sim:ttft=0,tps=5,tokens=200"))
-    wait_until(lambda: client.get(f"/api/jobs/{job['id']}").json()["status"] == "running")
-    wait_until(lambda: sim_server.stats()["open_streams"] == 1)
-    response = client.delete(f"/api/jobs/{job['id']}")
-    assert response.status_code == 200 and response.json()["status"] == "cancelled", response.text
-    after = sim_server.wait_idle(timeout=10)
-    assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+    job = cancel_a_running_job(client, sim_server)
     assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "cancelled"
 
 
