@@ -60,7 +60,9 @@ def test_a_completed_stream_is_counted(own_relay: RelayServer) -> None:
     assert delta(before, after, "tokenrelay_tokens_out_total") == 7
     assert delta(before, after, "tokenrelay_bytes_out_total") == len(response.content)
     assert delta(before, after, "tokenrelay_time_to_first_token_seconds_count", mode="text") == 1
-    assert delta(before, after, "tokenrelay_time_to_first_token_seconds_sum", mode="text") >= 0.05
+    # The simulator waits 50 ms before the first token; the event loop's timers keep whole
+    # milliseconds, so that wait can end up to a millisecond early.
+    assert delta(before, after, "tokenrelay_time_to_first_token_seconds_sum", mode="text") >= 0.048
     assert delta(before, after, "tokenrelay_stream_duration_seconds_count", mode="text") == 1
     assert value(after, "tokenrelay_streams_in_flight", mode="text") == 0
     assert delta(before, after, "tokenrelay_client_cancellations_total") == 0
