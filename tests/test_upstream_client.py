@@ -149,6 +149,43 @@ def test_a_whole_answer_arrives_unchanged() -> None:
     assert asyncio.run(with_server(handler)) == b"data: [DONE]\n\n"
 
 
+def test_a_fast_upstream_lets_the_event_loop_run_between_any_two_pieces() -> None:
+    """The relay's ``send`` does not suspend, so this is what keeps one fast stream from
+    holding every other stream (and its own disconnect listener) until it ends."""
+    events = [b"data: %d %s\n\n" % (i, b"x" * 1000) for i in range(3000)]  # 3 MB: many network reads
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for start in range(0, len(events), 100):  # as fast as the socket takes them
+            writer.write((HEAD if start == 0 else b"") + b"".join(chunked(e) for e in events[start:start + 100]))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    turns = 0
+    turns_at_pieces: list[int] = []
+
+    async def main() -> bytes:
+        async def ticker() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        async def consume(part: bytes) -> None:  # takes the piece without suspending
+            turns_at_pieces.append(turns)
+
+        task = asyncio.create_task(ticker())
+        try:
+            return await with_server(handler, consume=consume)
+        finally:
+            task.cancel()
+
+    assert asyncio.run(main()) == b"".join(events)
+    assert len(turns_at_pieces) > 1
+    assert all(later > earlier for earlier, later in zip(turns_at_pieces, turns_at_pieces[1:]))
+
+
 def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstream_closed_it() -> None:
     """Answers read to their end leave their connection for the next request; a kept
     connection the upstream closed meanwhile is replaced without the caller noticing."""

@@ -70,7 +70,14 @@ class Provider(Protocol):
     """Shown to users: 'simulator' or the upstream's URL without credentials."""
 
     async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
-        """Start the request; raise ``UpstreamError`` if the upstream refuses it."""
+        """Start the request; raise ``UpstreamError`` if the upstream refuses it.
+
+        The iterator must give the event loop a turn at least once per network read (the
+        in-process simulator: every few dozen tokens), however fast the upstream writes:
+        the server's ``send`` does not suspend while the socket takes the bytes, so the
+        relay would otherwise hold every other stream, and its own disconnect listener,
+        until this one ended (docs/performance.md, 4). HTTP upstreams get this from
+        ``http11.Connection.read``."""
         ...
 
     async def aclose(self) -> None:

@@ -146,7 +146,12 @@ class Connection(asyncio.Protocol):
             raise self._error
 
     async def read(self) -> bytes:
-        """The body bytes that arrived since the last call; ``b""`` once it has all been read."""
+        """The body bytes that arrived since the last call; ``b""`` once it has all been read.
+
+        Everything buffered is taken at once, so bytes for the next call can only arrive
+        through ``data_received``, in a turn of the event loop: a reader never takes two
+        pieces without the loop having run in between, however fast the upstream writes
+        (the relay relies on it, ``providers.base.Provider``)."""
         body = self._body
         while not body:
             if self._error is not None:

@@ -175,13 +175,11 @@ class Simulator:
                 if options.fault == "stall":
                     await asyncio.sleep(options.stall)
                     start += options.stall
-            if interval:
-                # Pace against the clock, not per sleep, so the rate holds under load.
-                delay = start + options.ttft + i * interval - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            # Pace against the clock, not per sleep, so the rate holds under load.
+            if interval and (delay := start + options.ttft + i * interval - loop.time()) > 0:
+                await asyncio.sleep(delay)
             elif i % 64 == 63:
-                await asyncio.sleep(0)  # let other streams run
+                await asyncio.sleep(0)  # unpaced or behind the pace: let other streams run
             yield Delta(text=token)
         finish = "length" if request.max_tokens is not None and len(tokens) >= request.max_tokens and not options.echo else "stop"
         completion = len(tokens)
@@ -202,6 +200,8 @@ class Simulator:
             for start in range(0, len(arguments), _FRAGMENT):
                 if interval:
                     await asyncio.sleep(interval)
+                elif fragments % 64 == 63:
+                    await asyncio.sleep(0)  # let other streams run
                 fragments += 1
                 if options.fault == "error-mid" and fragments == (options.at or 2):
                     raise UpstreamError("simulated upstream failure mid-stream")

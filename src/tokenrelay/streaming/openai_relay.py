@@ -38,7 +38,7 @@ from ..providers.openai_compat import OpenAICompatible
 from ..routing import Attempts, Router, Upstream
 from ..schemas import ChatRequest, chat_from_openai
 from .openai_chunks import DONE, ChunkEncoder, Completion, error_event
-from .relay import CancellableResponse, StreamObserver, StreamRecord, close_deltas, yield_to_others
+from .relay import CancellableResponse, StreamObserver, StreamRecord, close_deltas
 from .sse_watch import StreamWatch
 
 Send = Any
@@ -118,7 +118,6 @@ class V1Response(CancellableResponse):
                     record.first_token = time.perf_counter()
                 record.bytes_out += len(chunk)
                 watch.feed(chunk)
-                await yield_to_others()
         except UpstreamError as exc:  # went silent, or hung up
             failure = exc
         finally:
@@ -186,7 +185,6 @@ class V1Response(CancellableResponse):
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     record.chunks += 1
                     record.bytes_out += len(body)
-                    await yield_to_others()
             closing = DONE
         except UpstreamError as exc:
             record.fail(exc, midway=True)

@@ -214,7 +214,6 @@ class RelayResponse(CancellableResponse):
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     record.chunks += 1
                     record.bytes_out += len(body)
-                    await yield_to_others()
                 if delta.finish_reason is not None or delta.usage is not None:
                     record.note(delta)
         except UpstreamError as exc:
@@ -257,7 +256,6 @@ class RelayResponse(CancellableResponse):
                     self._last_send = loop.time()
                     record.chunks += 1
                     record.bytes_out += len(body)
-                    await yield_to_others()
                 if delta.finish_reason is not None or delta.usage is not None:
                     record.note(delta)
             closing = sse.done(record.finish_reason, record.usage)
@@ -336,17 +334,6 @@ class RelayResponse(CancellableResponse):
         record.bytes_out = len(body)
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def yield_to_others() -> None:
-    """Let the event loop run other tasks between two pieces.
-
-    Neither the server's ``send`` (while the socket takes the bytes) nor the upstream read
-    (while data is buffered) waits, so without this a fast upstream would keep one stream
-    running to its end: every other stream, new requests and this stream's own disconnect
-    listener would wait — a departed client's answer was relayed to nobody in full, and the
-    next request waited up to seconds (docs/performance.md)."""
-    await asyncio.sleep(0)
 
 
 async def close_deltas(deltas: AsyncIterator[Delta]) -> None:
