@@ -181,8 +181,10 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
     if "W2" in w:
         p = w["W2"]["params"]
         cs = [str(c) for c in p["concurrency"]]
+        rounds = p.get("rounds", 1)
+        split = f", in {rounds} interleaved rounds" if rounds > 1 else ""
         out += [f"## W2 throughput ({p['tokens']} tokens per stream, no delay, {p['seconds_each']:g} s at each "
-                f"concurrency; other load {w['W2']['other_cpu_cores']} cores)", "",
+                f"concurrency{split}; other load {w['W2']['other_cpu_cores']} cores)", "",
                 "tokens/s (ratio to direct) · CPU seconds of the relay per million tokens · simulator CPU %", "",
                 "| route | " + " | ".join(f"c={c}" for c in cs) + " |", "|---|" + "---|" * len(cs)]
         for name, by_c in w["W2"]["results"].items():

@@ -331,12 +331,26 @@ class Bench:
 
     async def _throughput(self, target: Target, server: Server, ask: Ask, concurrency: int,
                           seconds: float) -> dict[str, Any]:
+        return self._throughput_figures([await self._throughput_window(target, server, ask, concurrency, seconds)])
+
+    async def _throughput_window(self, target: Target, server: Server, ask: Ask, concurrency: int,
+                                 seconds: float) -> tuple[loadgen.RunResult, float, float]:
+        """One window of back-to-back streams: the run, and the relay's and the simulator's
+        CPU seconds during it."""
         sim = self.servers["sim"]
         cpu0, sim0 = server.cpu_seconds(), sim.cpu_seconds()
         run = await run_streams(target, ask, concurrency=concurrency, per_worker=10**9, deadline=seconds,
                                 keep_gaps=False)
         cpu, sim_cpu = server.cpu_seconds() - cpu0, sim.cpu_seconds() - sim0
         await self.settle()
+        return run, cpu, sim_cpu
+
+    @staticmethod
+    def _throughput_figures(windows: list[tuple[loadgen.RunResult, float, float]]) -> dict[str, Any]:
+        """The figures of one target's windows pooled: tokens over the time they took."""
+        run = loadgen.RunResult(streams=[s for w in windows for s in w[0].streams],
+                                elapsed=sum(w[0].elapsed for w in windows), tokens=sum(w[0].tokens for w in windows))
+        cpu, sim_cpu = sum(w[1] for w in windows), sum(w[2] for w in windows)
         figures = summarize(run)
         return {
             "tokens_per_s": figures["tokens_per_s"],
@@ -348,26 +362,37 @@ class Bench:
             "ttft_ms_p50": figures["ttft_ms"]["p50"],
             "ttft_ms_p99": figures["ttft_ms"]["p99"],
             "cpu_s_per_mtok": round(cpu / run.tokens * 1e6, 2) if run.tokens else None,
-            "relay_cpu_pct": round(cpu / run.elapsed * 100, 1),
-            "sim_cpu_pct": round(sim_cpu / run.elapsed * 100, 1),
+            "relay_cpu_pct": round(cpu / run.elapsed * 100, 1) if run.elapsed else None,
+            "sim_cpu_pct": round(sim_cpu / run.elapsed * 100, 1) if run.elapsed else None,
         }
 
     async def w2(self) -> dict[str, Any]:
         s = self.sizes
         ask = make_ask(ttft=0, tps=0, tokens=s.w2_tokens)
-        out: dict[str, Any] = {}
-        for name, target in self.targets.items():
-            server = self.servers[self.relay_of[name]]
-            out[name] = {}
-            for c in s.w2_concurrency:
-                out[name][str(c)] = await self._throughput(target, server, ask, c, s.w2_seconds)
+        out: dict[str, Any] = {name: {} for name in self.targets}
+        shuffler = random.Random(2)
+        for c in s.w2_concurrency:
+            # Each target's time is split into rounds in a new order each round, so a drift
+            # of the machine's speed over the run is shared by all targets instead of
+            # landing on whichever ran last.
+            windows: dict[str, list[tuple[loadgen.RunResult, float, float]]] = {n: [] for n in self.targets}
+            for _ in range(s.w2_rounds):
+                order = list(self.targets)
+                shuffler.shuffle(order)
+                for name in order:
+                    server = self.servers[self.relay_of[name]]
+                    windows[name].append(await self._throughput_window(
+                        self.targets[name], server, ask, c, s.w2_seconds / s.w2_rounds))
+            for name in self.targets:
+                out[name][str(c)] = self._throughput_figures(windows[name])
                 self.log(f"  W2 {name} c={c}: {out[name][str(c)]['tokens_per_s']:.0f} tokens/s")
         for name, by_c in out.items():
             for c, figures in by_c.items():
                 base = out["direct"][c]["tokens_per_s"]
                 figures["ratio_to_direct"] = round(figures["tokens_per_s"] / base, 3) if base else None
         return {"params": {"tokens": s.w2_tokens, "concurrency": list(s.w2_concurrency),
-                           "seconds_each": s.w2_seconds, "model": ask.model,
+                           "seconds_each": s.w2_seconds, "rounds": s.w2_rounds, "model": ask.model,
+                           "order": "each target's time split into rounds, a new random order every round (seeded)",
                            "note": "tokens/s over a fixed window; streams open at its end are cut off"},
                 "results": out}
 
