@@ -85,19 +85,32 @@ class Metrics:
         self.cancellations = Counter("tokenrelay_client_cancellations",
                                      "Clients that left before their answer ended.", registry=r)
 
+        # Each stream's labelled series, looked up once: ``labels()`` validates and locks on
+        # every call, and these run for every request. The label values come from small
+        # fixed sets (modes, routes, statuses, outcomes).
+        self._series: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*values)
+        return child
+
     # --- the relay's two hooks ---
 
     def stream_started(self, record: StreamRecord) -> None:
-        self.in_flight.labels(record.mode).inc()
+        self._child(self.in_flight, record.mode).inc()
 
     def stream_finished(self, record: StreamRecord) -> None:
         mode = record.mode
-        self.in_flight.labels(mode).dec()
-        self.requests.labels(record.route, str(record.status)).inc()
-        self.streams.labels(mode, record.outcome).inc()
+        child = self._child
+        child(self.in_flight, mode).dec()
+        child(self.requests, record.route, str(record.status)).inc()
+        child(self.streams, mode, record.outcome).inc()
         if record.first_token is not None:
-            self.ttft.labels(mode).observe(record.first_token - record.started)
-        self.duration.labels(mode).observe(time.perf_counter() - record.started)
+            child(self.ttft, mode).observe(record.first_token - record.started)
+        child(self.duration, mode).observe(time.perf_counter() - record.started)
         self.tokens_out.inc(record.tokens)
         self.bytes_out.inc(record.bytes_out)
         if record.outcome in _UPSTREAM_OUTCOMES and record.error_type:
