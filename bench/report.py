@@ -154,8 +154,12 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
         out += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
     out += [f"![TTFT and tokens/s against concurrency]({chart_name})", ""]
     if "W0" in w:
-        out += [f"## W0 sequential per-request overhead ({w['W0']['params']['rounds']} interleaved rounds, "
-                f"{w['W0']['params']['model']}; other load {w['W0']['other_cpu_cores']} cores)", "",
+        p = w["W0"]["params"]
+        shape = (f"{p['rounds']} direct/target pairs per target in {p['blocks']} block{'s' if p['blocks'] > 1 else ''}" if "blocks" in p
+                 else f"{p['rounds']} interleaved rounds")
+        out += [f"## W0 sequential per-request overhead ({shape}, "
+                f"{p['model']}; other load {w['W0']['other_cpu_cores']} cores)", "",
+                "added: the target's TTFT minus that of the direct requests paired with it.", "",
                 "| route | TTFT p50 ms | TTFT p90 ms | added p50 ms | added p90 ms | errors |", "|---|---|---|---|---|---|"]
         for name, f in w["W0"]["results"].items():
             out.append(f"| {name} | {_fmt(f['ttft_ms']['p50'], 3)} | {_fmt(f['ttft_ms']['p90'], 3)} | "

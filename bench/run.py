@@ -247,42 +247,60 @@ class Bench:
     async def w0(self) -> dict[str, Any]:
         s = self.sizes
         ask = make_ask(ttft=0, tps=0, tokens=s.w0_tokens)
-        names = list(self.targets)
+        names = [n for n in self.targets if n != "direct"]
         ttft: dict[str, list[float]] = {n: [] for n in names}
-        errors: dict[str, int] = {n: 0 for n in names}
-        sessions = {n: make_session() for n in names}
+        paired_direct: dict[str, list[float]] = {n: [] for n in names}
+        errors: dict[str, int] = {n: 0 for n in ["direct", *names]}
+        sessions = {n: make_session() for n in ["direct", *names]}
+        per_block = max(1, s.w0_rounds // s.w0_blocks)
         try:
             shuffler = random.Random(0)
-            for _ in range(s.w0_rounds):
-                # A new order every round: a process that has been idle answers its first
-                # request slower, so a fixed order (even rotated) would charge that to
-                # whichever of the relay's routes always comes first after direct.
+            for _ in range(s.w0_blocks):
+                # Each target in a block of direct/target pairs, the blocks in a new order
+                # every pass: a target's server then waits one direct request between two
+                # of its own, whichever other targets the run has (a server left idle longer
+                # answers slower, and LiteLLM's requests take 15 ms), and a drift of the
+                # machine's speed lands on both halves of every pair.
                 order = names[:]
                 shuffler.shuffle(order)
                 for name in order:
-                    result = await one_stream(sessions[name], self.targets[name], ask, keep_gaps=False)
-                    if result.ok and result.ttft is not None:
-                        ttft[name].append(result.ttft)
-                    else:
-                        errors[name] += 1
+                    for _ in range(per_block):
+                        direct = await one_stream(sessions["direct"], self.targets["direct"], ask, keep_gaps=False)
+                        result = await one_stream(sessions[name], self.targets[name], ask, keep_gaps=False)
+                        if not (direct.ok and direct.ttft is not None):
+                            errors["direct"] += 1
+                            continue
+                        if result.ok and result.ttft is not None:
+                            ttft[name].append(result.ttft)
+                            paired_direct[name].append(direct.ttft)
+                        else:
+                            errors[name] += 1
         finally:
             for session in sessions.values():
                 await session.close()
-        direct_med = statistics.median(ttft["direct"])
-        direct_p90 = percentile(ttft["direct"], 90) or 0.0
-        out: dict[str, Any] = {}
+        every_direct = [t for n in names for t in paired_direct[n]]
+        out: dict[str, Any] = {"direct": self._w0_figures(every_direct, every_direct, errors["direct"])}
         for name in names:
-            med = statistics.median(ttft[name]) if ttft[name] else None
-            p90 = percentile(ttft[name], 90)
-            out[name] = {
-                "requests": len(ttft[name]) + errors[name],
-                "errors": errors[name],
-                "ttft_ms": {"p50": ms(med), "p90": ms(p90)},
-                "added_ttft_ms": {"p50": ms(med - direct_med) if med is not None else None,
-                                  "p90": ms(p90 - direct_p90) if p90 is not None else None},
-            }
-        return {"params": {"rounds": s.w0_rounds, "model": ask.model, "order": "interleaved, a new random order every round (seeded)"},
+            out[name] = self._w0_figures(ttft[name], paired_direct[name], errors[name])
+        return {"params": {"rounds": s.w0_blocks * per_block, "blocks": s.w0_blocks, "model": ask.model,
+                           "order": "per target, blocks of direct/target pairs; the blocks in a new random "
+                                    "order every pass (seeded); added = the target's median minus the median "
+                                    "of the direct requests paired with it"},
                 "results": out}
+
+    @staticmethod
+    def _w0_figures(ttft: list[float], direct: list[float], errors: int) -> dict[str, Any]:
+        med = statistics.median(ttft) if ttft else None
+        p90 = percentile(ttft, 90)
+        direct_med = statistics.median(direct) if direct else None
+        direct_p90 = percentile(direct, 90)
+        return {
+            "requests": len(ttft) + errors,
+            "errors": errors,
+            "ttft_ms": {"p50": ms(med), "p90": ms(p90)},
+            "added_ttft_ms": {"p50": ms(med - direct_med) if med is not None and direct_med is not None else None,
+                              "p90": ms(p90 - direct_p90) if p90 is not None and direct_p90 is not None else None},
+        }
 
     # W1: latency under load --------------------------------------------------------------
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Sizes:
     name: str
-    # W0: sequential pairs, a short answer with no delay
+    # W0: sequential direct/target pairs, a short answer with no delay; `w0_rounds` pairs
+    # per target, in `w0_blocks` blocks
     w0_rounds: int
+    w0_blocks: int
     w0_tokens: int
     # W1: streams × tokens × interval, `w1_waves` waves of `w1_streams` concurrent streams
     w1_streams: int
@@ -41,7 +43,7 @@ class Sizes:
 
 FULL = Sizes(
     name="full",
-    w0_rounds=300, w0_tokens=1,
+    w0_rounds=300, w0_blocks=5, w0_tokens=1,
     w1_streams=50, w1_tokens=200, w1_interval=0.020, w1_waves=4,
     w2_tokens=1000, w2_concurrency=(1, 16, 64, 256), w2_seconds=3.0, w2_rounds=3,
     w3_streams=(1000, 5000), w3_interval=0.5, w3_seconds=30.0, w3_rate=250.0,
@@ -51,7 +53,7 @@ FULL = Sizes(
 
 QUICK = Sizes(
     name="quick",
-    w0_rounds=60, w0_tokens=1,
+    w0_rounds=60, w0_blocks=2, w0_tokens=1,
     w1_streams=50, w1_tokens=100, w1_interval=0.020, w1_waves=1,
     w2_tokens=1000, w2_concurrency=(1, 16, 64), w2_seconds=1.5, w2_rounds=3,
     w3_streams=(1000,), w3_interval=0.5, w3_seconds=8.0, w3_rate=250.0,
@@ -61,7 +63,7 @@ QUICK = Sizes(
 
 SMOKE = Sizes(
     name="smoke",
-    w0_rounds=5, w0_tokens=1,
+    w0_rounds=5, w0_blocks=1, w0_tokens=1,
     w1_streams=6, w1_tokens=10, w1_interval=0.010, w1_waves=1,
     w2_tokens=200, w2_concurrency=(1, 4), w2_seconds=0.3, w2_rounds=1,
     w3_streams=(40,), w3_interval=0.1, w3_seconds=0.6, w3_rate=400.0,
