@@ -237,6 +237,57 @@ def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstrea
     assert connections == 2  # requests 1-3 on the first connection, 4 on a new one
 
 
+def test_an_answer_left_unread_after_it_arrived_whole_keeps_a_connection_that_reads_again() -> None:
+    """A relay's client that leaves once the upstream has finished, but before the answer
+    was relayed, leaves it unread. The connection is kept, and reading had paused for the
+    unread bytes: the next request on it must still get its answer."""
+    # Past the read pause by a little, so the bytes that cross it end the answer too.
+    big = chunked(b"data: " + b"x" * (64 * 1024 + 100) + b"\n\n") + b"0\r\n\r\n"
+    done = chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # the answer in one write
+        for answer in (big, done):  # two requests, one connection
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)  # the body, b"{}"
+            writer.write(HEAD + answer)
+            await writer.drain()
+
+    handled: list[asyncio.Task[None]] = []
+
+    async def main() -> bytes:
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handled.append(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                await handler(reader, writer)
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
+        try:
+            async with server:
+                first = await client.post_stream(url, b"{}", {"content-type": "application/json"})
+                async with asyncio.timeout(5):
+                    while not first.complete:
+                        await asyncio.sleep(0.005)
+                first.close()  # unread
+                async with asyncio.timeout(5):
+                    second = await client.post_stream(url, b"{}", {"content-type": "application/json"})
+                    try:
+                        return await second.read()
+                    finally:
+                        second.close()
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(main()) == b"data: [DONE]\n\n"
+    assert len(handled) == 1  # the second request came on the kept connection
+
+
 def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_new_one() -> None:
     """The race every keep-alive client meets: the upstream closes an idle connection just
     as the next request is sent on it. No byte of answer came back, so the request goes

@@ -95,6 +95,11 @@ class UpstreamResponse:
         self._watchdog: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
+    @property
+    def complete(self) -> bool:
+        """The whole answer has arrived (read or not)."""
+        return self._conn.complete
+
     def __aiter__(self) -> UpstreamResponse:
         if self._watchdog is None:
             self._watchdog = self._loop.call_at(self._loop.time() + self._read_timeout, self._check_silence)
@@ -136,7 +141,7 @@ class UpstreamResponse:
         connection goes back to the pool instead of being closed half-read: reconnecting
         cost every request about a millisecond (docs/performance.md). An upstream that keeps
         the stream open longer than ``grace`` seconds loses its connection instead."""
-        if self._conn.complete:
+        if self.complete:
             return
         try:
             async with asyncio.timeout(grace):

@@ -185,6 +185,11 @@ class Connection(asyncio.Protocol):
             return
         self.in_use = False
         if self.complete and self._keep_alive and self._error is None and not self.closed:
+            if self._paused and self.transport is not None:
+                # The answer arrived whole but was left unread (its client left before it
+                # was relayed): the rest of it goes, and the connection must read again
+                # or its next request is never answered.
+                self.transport.resume_reading()
             self._reset()
             self._pool.keep(self)
         else:
