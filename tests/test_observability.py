@@ -6,6 +6,7 @@ the prompt only when asked."""
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable
 
 import anyio
@@ -82,6 +83,31 @@ def test_a_cancelled_stream_is_in_flight_then_counted(own_relay: RelayServer) ->
     assert delta(before, after, "tokenrelay_streams_total", mode="sse", outcome="client_cancelled") == 1
     assert delta(before, after, "tokenrelay_streams_total", mode="sse", outcome="completed") == 0
     assert delta(before, after, "tokenrelay_stream_duration_seconds_count", mode="sse") == 1
+
+
+@pytest.mark.parametrize("path", ["/api/get-response", "/v1/chat/completions"])
+def test_a_client_that_leaves_before_its_request_arrived_is_a_499_not_an_error(own_relay: RelayServer,
+                                                                              path: str) -> None:
+    before = scrape(own_relay)
+    with socket.create_connection(("127.0.0.1", own_relay.port)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n{\"messages\": [".encode())
+    wait_until(lambda: delta(before, scrape(own_relay), "tokenrelay_requests_total", route=path, status="499") == 1)
+    log = own_relay.log()
+    assert f"{path} client left before its request arrived whole" in log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_the_simulator_takes_a_client_leaving_mid_request_quietly(sim_server: SimServer, path: str) -> None:
+    errors_before = sim_server.log().count("Exception in ASGI application")
+    with socket.create_connection(("127.0.0.1", int(sim_server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     "x-api-key: k\r\nanthropic-version: 2023-06-01\r\nContent-Length: 1000\r\n\r\n{".encode())
+    # The simulator handles events in order: once a later request is answered, the
+    # departed one has been dealt with.
+    assert httpx.get(sim_server.url + "/v1/models", timeout=5).status_code == 200
+    assert sim_server.log().count("Exception in ASGI application") == errors_before
 
 
 def test_upstream_errors_are_counted_by_type(relay_server: RelayServer) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -86,6 +86,12 @@ class StreamRoutes:
                     response = await endpoint(request)
                 except TokenrelayError as exc:
                     response = await _tokenrelay_error(request, exc)
+                except ClientDisconnect:
+                    # Gone before its request arrived whole: nobody to answer, and nothing
+                    # went wrong here. Counted as nginx counts it: 499.
+                    log.info("%s client left before its request arrived whole", path)
+                    request.app.state.metrics.count_request(path, 499)
+                    return
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -14,7 +14,8 @@ status; the stream routes (``STREAM_PATHS``) are left to the relay, and to
 wrapped ``send``. The route label is the route's template (``/api/jobs/{job_id}``), or
 ``other`` for a path no route matched, so random URLs cannot grow the label set.
 
-    tokenrelay_requests_total{route,status}          every HTTP request
+    tokenrelay_requests_total{route,status}          every HTTP request (499: the client left
+                                                     before its request arrived whole)
     tokenrelay_streams_in_flight{mode}               answers being relayed now
     tokenrelay_streams_total{mode,outcome}           completed | client_cancelled |
                                                      upstream_error | failed_midway | rejected

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -157,12 +157,21 @@ class _Completion:
         return True
 
 
+def _client_left() -> Response:
+    """The answer to a client that left before its request arrived whole: nobody reads it,
+    and it is not the simulator's error (nginx's 499)."""
+    return Response(status_code=499)
+
+
 def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
     sim = Simulator(defaults)
     stats = SimStats()
 
     async def completions(request: Request) -> Response:
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            return _client_left()
         data = parse_json_object(raw)
         chat = chat_from_openai(data)
         model = chat.model or "sim"
@@ -190,6 +199,8 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
             sim.defaults.with_model(model)
         except TokenrelayError as exc:
             return Response(sim_anthropic.error_body(exc, 400), status_code=400, media_type="application/json")
+        except ClientDisconnect:
+            return _client_left()
         return _Completion(sim=sim, chat=chat, model=model, stream=bool(data.get("stream", False)),  # type: ignore[return-value]
                            include_usage=False, stats=stats, anthropic=True)
 
