@@ -5,8 +5,9 @@ status and message. The upstreams here are scripted HTTP servers on real sockets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
@@ -21,6 +22,13 @@ HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding
 
 def chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    """Read one request, its head and its ``content-length`` body, off the connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
 
 
 async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
@@ -40,26 +48,47 @@ async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Await
         await client.aclose()
 
 
-async def with_server(handler: Handler, **kwargs) -> bytes:
-    """Serve one connection with ``handler`` and fetch from it; the server's side of the
-    connection is closed and awaited before returning, whatever the fetch raised."""
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[tuple[URL, list[asyncio.Task[None]]]]:
+    """A scripted upstream: ``handler`` serves each connection, which is closed when it
+    returns (or when the client hung up mid-request). Yields the URL and the connections'
+    tasks, which are awaited on the way out, whatever the block raised."""
     handled: list[asyncio.Task[None]] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handled.append(asyncio.current_task())  # type: ignore[arg-type]
         try:
             await handler(reader, writer)
+        except asyncio.IncompleteReadError:
+            pass
         finally:
             writer.close()
-            await writer.wait_closed()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
         async with server:
-            return await fetch(f"http://127.0.0.1:{port}/v1/chat/completions", **kwargs)
+            yield URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"), handled
     finally:
         await asyncio.wait_for(asyncio.gather(*handled, return_exceptions=True), 5)
+
+
+async def with_server(handler: Handler, **kwargs) -> bytes:
+    """Serve ``handler`` and fetch from it once."""
+    async with serving(handler) as (url, _):
+        return await fetch(str(url), **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def client_of(handler: Handler) -> AsyncIterator[tuple[UpstreamClient, URL, list[asyncio.Task[None]]]]:
+    """An ``UpstreamClient`` and the scripted upstream it talks to."""
+    async with serving(handler) as (url, handled):
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
+        try:
+            yield client, url, handled
+        finally:
+            await client.aclose()
 
 
 def test_refused_connection_is_unavailable_not_a_timeout() -> None:
@@ -195,28 +224,17 @@ def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstrea
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                await writer.drain()
-                if close_after_answer:
-                    break
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            if close_after_answer:
+                break
 
     async def go() -> list[bytes]:
         nonlocal close_after_answer
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
-        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
         bodies = []
-        try:
+        async with client_of(handler) as (client, url, _):
             for i in range(4):
                 if i == 2:
                     close_after_answer = True  # the upstream now hangs up after each answer
@@ -228,9 +246,6 @@ def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstrea
                     async with asyncio.timeout(5):
                         while not response._conn.closed:
                             await asyncio.sleep(0.01)
-        finally:
-            await client.aclose()
-            server.close()
         return bodies
 
     assert asyncio.run(go()) == [b"ok"] * 4
@@ -249,43 +264,26 @@ def test_an_answer_left_unread_after_it_arrived_whole_keeps_a_connection_that_re
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # the answer in one write
         for answer in (big, done):  # two requests, one connection
-            await reader.readuntil(b"\r\n\r\n")
-            await reader.readexactly(2)  # the body, b"{}"
+            await read_request(reader)
             writer.write(HEAD + answer)
             await writer.drain()
 
-    handled: list[asyncio.Task[None]] = []
+    async def main() -> tuple[bytes, int]:
+        async with client_of(handler) as (client, url, handled):
+            first = await client.post_stream(url, b"{}", {"content-type": "application/json"})
+            async with asyncio.timeout(5):
+                while not first.complete:
+                    await asyncio.sleep(0.005)
+            first.close()  # unread
+            async with asyncio.timeout(5):
+                second = await client.post_stream(url, b"{}", {"content-type": "application/json"})
+                try:
+                    return await second.read(), len(handled)
+                finally:
+                    second.close()
 
-    async def main() -> bytes:
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            handled.append(asyncio.current_task())  # type: ignore[arg-type]
-            try:
-                await handler(reader, writer)
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
-        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
-        try:
-            async with server:
-                first = await client.post_stream(url, b"{}", {"content-type": "application/json"})
-                async with asyncio.timeout(5):
-                    while not first.complete:
-                        await asyncio.sleep(0.005)
-                first.close()  # unread
-                async with asyncio.timeout(5):
-                    second = await client.post_stream(url, b"{}", {"content-type": "application/json"})
-                    try:
-                        return await second.read()
-                    finally:
-                        second.close()
-        finally:
-            await client.aclose()
-
-    assert asyncio.run(main()) == b"data: [DONE]\n\n"
-    assert len(handled) == 1  # the second request came on the kept connection
+    # One connection: the second request came on the kept one.
+    assert asyncio.run(main()) == (b"data: [DONE]\n\n", 1)
 
 
 def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_new_one() -> None:
@@ -298,34 +296,20 @@ def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_n
         nonlocal connections
         connections += 1
         first_connection = connections == 1
-        try:
-            for answered in range(2):
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                if first_connection and answered == 1:
-                    return  # the second request on the kept connection: hang up, unanswered
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                await writer.drain()
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-            await writer.wait_closed()
+        for answered in range(2):
+            await read_request(reader)
+            if first_connection and answered == 1:
+                return  # the second request on the kept connection: hang up, unanswered
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
 
     async def go() -> list[bytes]:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions")
-        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
         bodies = []
-        try:
+        async with client_of(handler) as (client, url, _):
             for _ in range(2):
                 response = await client.post_stream(url, b"{}", {})
                 bodies.append(await response.read())
                 response.close()
-        finally:
-            await client.aclose()
-            server.close()
         return bodies
 
     assert asyncio.run(go()) == [b"ok", b"ok"]
