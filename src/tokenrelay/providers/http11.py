@@ -49,11 +49,16 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
+        self._paused = False  # reading paused while too much body waits unread
         self.closed = False
         self.idle_since = 0.0
         self._reset()
 
     def _reset(self) -> None:
+        """Ready for the next request. Body bytes still unread (an answer that arrived whole
+        but whose reader left) are dropped, and reading resumes if they had paused it, or
+        the next answer would never be read."""
+        self._resume_reading()
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
@@ -64,7 +69,6 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._paused = False
         self._headers_arrived: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -169,10 +173,13 @@ class Connection(asyncio.Protocol):
             data = b"".join(body)
             body.clear()
         self._buffered = 0
+        self._resume_reading()
+        return data
+
+    def _resume_reading(self) -> None:
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        return data
 
     def abort(self, exc: BaseException) -> None:
         """Make the pending (or next) ``read`` raise ``exc``; the connection is not reused."""
@@ -185,11 +192,6 @@ class Connection(asyncio.Protocol):
             return
         self.in_use = False
         if self.complete and self._keep_alive and self._error is None and not self.closed:
-            if self._paused and self.transport is not None:
-                # The answer arrived whole but was left unread (its client left before it
-                # was relayed): the rest of it goes, and the connection must read again
-                # or its next request is never answered.
-                self.transport.resume_reading()
             self._reset()
             self._pool.keep(self)
         else:
