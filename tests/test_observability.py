@@ -85,7 +85,7 @@ def test_a_cancelled_stream_is_in_flight_then_counted(own_relay: RelayServer) ->
     assert delta(before, after, "tokenrelay_stream_duration_seconds_count", mode="sse") == 1
 
 
-@pytest.mark.parametrize("path", ["/api/get-response", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/api/get-response", "/v1/chat/completions", "/api/jobs"])
 def test_a_client_that_leaves_before_its_request_arrived_is_a_499_not_an_error(own_relay: RelayServer,
                                                                               path: str) -> None:
     before = scrape(own_relay)

@@ -68,8 +68,8 @@ class StreamRoutes:
     Every request and every open stream of these two routes would otherwise carry
     Starlette's router, request/response wrapper and two exception-handling layers around
     each ``send``: about 5 KB per open stream and CPU on every chunk (docs/performance.md).
-    Their ``TokenrelayError``s are answered here by the same handler the app registers;
-    other methods fall through to the router, which answers 405."""
+    Their ``TokenrelayError``s and departed clients are answered here by the same handlers
+    the app registers; other methods fall through to the router, which answers 405."""
 
     def __init__(self, app: Any, endpoints: dict[str, Callable[[Request], Awaitable[Any]]]) -> None:
         self.app = app
@@ -86,12 +86,8 @@ class StreamRoutes:
                     response = await endpoint(request)
                 except TokenrelayError as exc:
                     response = await _tokenrelay_error(request, exc)
-                except ClientDisconnect:
-                    # Gone before its request arrived whole: nobody to answer, and nothing
-                    # went wrong here. Counted as nginx counts it: 499.
-                    log.info("%s client left before its request arrived whole", path)
-                    request.app.state.metrics.count_request(path, 499)
-                    return
+                except ClientDisconnect as exc:
+                    response = await _client_left(request, exc)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -104,6 +100,15 @@ async def _tokenrelay_error(request: Request, exc: Exception) -> Response:
         return await openai_error(request, exc)
     headers = {**exc.headers, "x-request-id": request_id.get()}
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    """A client gone before its request arrived whole: nothing went wrong here, and nobody
+    reads the answer (the server drops it). Counted as nginx counts it: 499."""
+    assert isinstance(exc, ClientDisconnect)
+    log.info("%s client left before its request arrived whole", request.url.path)
+    request.app.state.metrics.count_request(request.url.path, 499)
+    return Response(status_code=499)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -211,7 +216,8 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={TokenrelayError: _tokenrelay_error, HTTPException: _http_error},
+        exception_handlers={TokenrelayError: _tokenrelay_error, HTTPException: _http_error,
+                            ClientDisconnect: _client_left},
     )
     app.state.keys = keys
     app.add_middleware(StreamRoutes, endpoints={"/api/get-response": get_response,

@@ -157,7 +157,7 @@ class _Completion:
         return True
 
 
-def _client_left() -> Response:
+async def _client_left(request: Request, exc: Exception) -> Response:
     """The answer to a client that left before its request arrived whole: nobody reads it,
     and it is not the simulator's error (nginx's 499)."""
     return Response(status_code=499)
@@ -168,10 +168,7 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
     stats = SimStats()
 
     async def completions(request: Request) -> Response:
-        try:
-            raw = await request.body()
-        except ClientDisconnect:
-            return _client_left()
+        raw = await request.body()
         data = parse_json_object(raw)
         chat = chat_from_openai(data)
         model = chat.model or "sim"
@@ -199,8 +196,6 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
             sim.defaults.with_model(model)
         except TokenrelayError as exc:
             return Response(sim_anthropic.error_body(exc, 400), status_code=400, media_type="application/json")
-        except ClientDisconnect:
-            return _client_left()
         return _Completion(sim=sim, chat=chat, model=model, stream=bool(data.get("stream", False)),  # type: ignore[return-value]
                            include_usage=False, stats=stats, anthropic=True)
 
@@ -228,6 +223,6 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
             Route("/v1/messages", messages, methods=["POST"]),
             Route("/sim/stats", sim_stats, methods=["GET"]),
         ],
-        exception_handlers={TokenrelayError: error},
+        exception_handlers={TokenrelayError: error, ClientDisconnect: _client_left},
         lifespan=lifespan,
     )
