@@ -31,6 +31,13 @@ async def read_request(reader: asyncio.StreamReader) -> None:
     await reader.readexactly(length)
 
 
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait, giving the event loop its turns, until ``condition`` holds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
 async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
     client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=read)
     try:
@@ -243,9 +250,7 @@ def test_a_connection_is_kept_for_the_next_request_and_replaced_when_the_upstrea
                 response.close()
                 if i == 2:
                     # the pooled connection is closed by the upstream before the next request
-                    async with asyncio.timeout(5):
-                        while not response._conn.closed:
-                            await asyncio.sleep(0.01)
+                    await until(lambda: response._conn.closed)
         return bodies
 
     assert asyncio.run(go()) == [b"ok"] * 4
@@ -271,9 +276,7 @@ def test_an_answer_left_unread_after_it_arrived_whole_keeps_a_connection_that_re
     async def main() -> tuple[bytes, int]:
         async with client_of(handler) as (client, url, handled):
             first = await client.post_stream(url, b"{}", {"content-type": "application/json"})
-            async with asyncio.timeout(5):
-                while not first.complete:
-                    await asyncio.sleep(0.005)
+            await until(lambda: first.complete)
             first.close()  # unread
             async with asyncio.timeout(5):
                 second = await client.post_stream(url, b"{}", {"content-type": "application/json"})
