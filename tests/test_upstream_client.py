@@ -39,7 +39,7 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
-    client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=read)
+    client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=read, spare_connection=False)
     try:
         response = await client.post_stream(URL(url), b"{}", {"content-type": "application/json"})
         parts = []
@@ -88,10 +88,13 @@ async def with_server(handler: Handler, **kwargs) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def client_of(handler: Handler) -> AsyncIterator[tuple[UpstreamClient, URL, list[asyncio.Task[None]]]]:
-    """An ``UpstreamClient`` and the scripted upstream it talks to."""
+async def client_of(handler: Handler, *, spare: bool = False
+                    ) -> AsyncIterator[tuple[UpstreamClient, URL, list[asyncio.Task[None]]]]:
+    """An ``UpstreamClient`` and the scripted upstream it talks to; ``handled`` holds a task
+    per connection the upstream accepted. Without a spare connection unless asked, so the
+    connections a test counts are the ones its requests opened."""
     async with serving(handler) as (url, handled):
-        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0)
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=5.0, spare_connection=spare)
         try:
             yield client, url, handled
         finally:
@@ -319,6 +322,103 @@ def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_n
     assert connections == 2
 
 
+def _counting_upstream() -> tuple[Handler, list[int]]:
+    """An upstream that answers "ok" to every request, and lists for each request the
+    connection it came on (1 for the first connection accepted, 2 for the second…)."""
+    requests_on: list[int] = []
+    accepted = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        connection = accepted
+        while True:
+            await read_request(reader)
+            requests_on.append(connection)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler, requests_on
+
+
+def test_a_request_that_takes_the_last_idle_connection_has_a_spare_opened_for_the_next() -> None:
+    """With every connection busy, a new stream would first wait for a TCP (and TLS)
+    handshake. The pool keeps one spare ready: the second of two overlapping requests goes
+    out on a connection the upstream accepted before that request began, and taking it
+    readies the next spare."""
+    handler, requests_on = _counting_upstream()
+
+    async def go() -> list[bytes]:
+        async with client_of(handler, spare=True) as (client, url, handled):
+            first = await client.post_stream(url, b"{}", {})  # opens connection 1, then a spare
+            await until(lambda: len(handled) == 2)
+            second = await client.post_stream(url, b"{}", {})  # the first still holds its connection
+            await until(lambda: len(handled) == 3)  # the next spare
+            try:
+                return [await first.read(), await second.read()]
+            finally:
+                first.close()
+                second.close()
+
+    assert asyncio.run(go()) == [b"ok", b"ok"]
+    assert requests_on == [1, 2]
+
+
+def test_without_a_spare_connection_each_busy_moment_opens_its_own() -> None:
+    """``TOKENRELAY_SPARE_CONNECTION=false``: connections are opened only by the requests
+    that need them, and kept ones are reused."""
+    handler, requests_on = _counting_upstream()
+
+    async def go() -> int:
+        async with client_of(handler, spare=False) as (client, url, handled):
+            first = await client.post_stream(url, b"{}", {})
+            second = await client.post_stream(url, b"{}", {})  # overlapping: a second connection
+            for response in (first, second):
+                await response.read()
+                response.close()
+            third = await client.post_stream(url, b"{}", {})  # on a kept one
+            await third.read()
+            third.close()
+            return len(handled)
+
+    assert asyncio.run(go()) == 2
+    assert requests_on == [1, 2, 2]
+
+
+@pytest.mark.parametrize("when", ["with the answer", "while idle"])
+def test_a_connection_that_sent_bytes_nobody_asked_for_is_not_reused(when: str) -> None:
+    """Some servers write to a connection unasked before they close it (a "408 Request
+    Timeout"), right after an answer or while it sits idle. Those bytes must not be taken
+    for the next request's answer: the next request goes on a new connection."""
+    stray = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
+    kept = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" + (stray if when == "with the answer" else b""))
+        if when == "while idle":
+            await kept.wait()
+            writer.write(stray)
+        await writer.drain()
+        await read_request(reader)  # a request sent on it anyway is never answered
+
+    async def go() -> list[tuple[int, bytes]]:
+        answers = []
+        async with client_of(handler) as (client, url, handled):
+            for _ in range(2):
+                response = await client.post_stream(url, b"{}", {})
+                answers.append((response._conn.status, await response.read()))
+                conn = response._conn
+                response.close()
+                kept.set()
+                if len(answers) == 1 and when == "while idle":
+                    await until(lambda: conn.received)  # the stray bytes have arrived
+            assert len(handled) == 2
+        return answers
+
+    assert asyncio.run(go()) == [(200, b"ok"), (200, b"ok")]
+
+
 def test_a_body_that_ends_with_the_connection_is_whole() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -354,7 +454,7 @@ def test_an_unread_answer_stops_the_upstream_from_writing() -> None:
     async def go() -> tuple[int, int]:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
-        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=30.0)
+        client = UpstreamClient(pool_size=4, connect_timeout=5.0, read_timeout=30.0, spare_connection=False)
         try:
             response = await client.post_stream(url, b"{}", {})
             # Not reading: wait until the upstream's writes stop getting through.

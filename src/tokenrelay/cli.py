@@ -68,6 +68,9 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
       TOKENRELAY_KEEPALIVE_TIMEOUT   seconds an idle connection stays open (5); behind a load
                                 balancer, longer than its idle timeout (docs/deploy.md)
       TOKENRELAY_CONNECT_TIMEOUT / TOKENRELAY_READ_TIMEOUT  upstream timeouts in seconds
+      TOKENRELAY_POOL_SIZE      upstream connections open at most (1000)
+      TOKENRELAY_SPARE_CONNECTION  keep one spare upstream connection open per host, so a new
+                                stream skips the handshakes when all are busy (true)
       TOKENRELAY_SIM_TTFT / _SIM_TPS / _SIM_TOKENS / _SIM_SEED  the simulator's pacing
       TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
     Jobs (docs/jobs.md):

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="Longest silence from the upstream, before its first byte too."
     )
     pool_size: int = Field(default=1000, gt=0, description="Upstream connections kept open at most.")
+    spare_connection: bool = Field(
+        default=True,
+        description="Keep one spare connection open to each upstream host, so a new stream does not wait "
+                    "for the TCP and TLS handshakes when every open connection is busy.",
+    )
 
     # --- the built-in simulator ---
     sim_ttft: float = Field(default=0.25, ge=0, description="Simulated time to first token (s).")

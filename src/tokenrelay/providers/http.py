@@ -37,10 +37,11 @@ ERROR_BODY_LIMIT = 64 * 1024
 class UpstreamClient:
     """A pool of keep-alive connections to one upstream."""
 
-    def __init__(self, *, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, *, pool_size: int, connect_timeout: float, read_timeout: float,
+                 spare_connection: bool = True) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._pool = Pool(size=pool_size)
+        self._pool = Pool(size=pool_size, spare=spare_connection)
 
     async def post_stream(self, url: URL, body: bytes, headers: dict[str, str]) -> UpstreamResponse:
         """The response once its status is 200; the caller reads it and must ``close`` it."""

@@ -11,17 +11,28 @@ cookies, proxies, compression (the body passes through as sent), HTTP/2 and ``Ex
 reads the body with ``read`` and hands the connection back with ``release``, which keeps it
 for reuse if the answer was read to its end, and closes it otherwise — closing is how an
 upstream learns that nobody is waiting for the rest.
+
+The pool keeps one spare connection ready per host (``spare``, as Envoy's "preconnect"):
+a request that takes the last idle connection, or finds none, has another opened in the
+background, so the next one starts without waiting for the TCP (and TLS) handshake — a
+burst of new streams would otherwise pay it on each one's time to first token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 import time
 from typing import cast
 import httptools
 from yarl import URL
+
+log = logging.getLogger("tokenrelay.upstream")
+
+Key = tuple[str, str, int]
+"""Where a connection goes: scheme, host, port."""
 
 READ_HIGH_WATER = 64 * 1024
 """Body bytes buffered unread before the socket stops being read: a slow client then slows
@@ -42,7 +53,7 @@ class BadResponse(Exception):
 class Connection(asyncio.Protocol):
     """One keep-alive connection; one request at a time."""
 
-    def __init__(self, pool: Pool, key: tuple[str, str, int]) -> None:
+    def __init__(self, pool: Pool, key: Key) -> None:
         self._pool = pool
         self.key = key
         self.in_use = False
@@ -65,6 +76,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.received = False  # any byte of this request's response
         self._keep_alive = False
+        self._stray = False  # bytes after the answer, which nobody asked for
         self._until_close = False
         self._error: BaseException | None = None
         self._body: collections.deque[bytes] = collections.deque()
@@ -108,19 +120,33 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response to one request (a server's "408" after the answer): ignored,
+            # and the connection is not kept, since its next bytes cannot be trusted to
+            # answer the next request.
+            self._stray = True
+            self._keep_alive = False
+
     def on_status(self, status: bytes) -> None:
-        self.reason += status.decode("latin-1")
+        if not self._stray:
+            self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        if not self._stray:
+            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._stray:
+            return
         self.status = self._parser.get_status_code()
         self._keep_alive = self._parser.should_keep_alive()
         self._until_close = "content-length" not in self.headers and "transfer-encoding" not in self.headers
         self._wake_headers()
 
     def on_body(self, body: bytes) -> None:
+        if self._stray:
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > READ_HIGH_WATER and not self._paused and self.transport is not None:
@@ -129,6 +155,8 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._stray:
+            return
         self.complete = True
         self._wake_headers()
         self._wake()
@@ -223,14 +251,21 @@ class Connection(asyncio.Protocol):
 
 class Pool:
     """Keep-alive connections to the hosts of one upstream: at most ``size`` requests at a
-    time (more wait for a turn), and about as many connections open."""
+    time (more wait for a turn), and about as many connections open, plus one spare per
+    host when ``spare`` is on (see the module docstring)."""
 
-    def __init__(self, *, size: int) -> None:
+    def __init__(self, *, size: int, spare: bool = True) -> None:
         self.size = size
-        self._idle: dict[tuple[str, str, int], collections.deque[Connection]] = {}
+        self.spare = spare
+        # Idle connections per host, oldest first (a dict is an ordered set that can also
+        # drop a connection the upstream closed while it waited).
+        self._idle: dict[Key, dict[Connection, None]] = {}
         self._open: set[Connection] = set()
         self._slots: asyncio.Semaphore | None = None  # made in the event loop, on first use
         self._ssl: ssl.SSLContext | None = None
+        self._opening_spare: set[Key] = set()
+        self._spare_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def request(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
                       *, connect_timeout: float) -> Connection:
@@ -241,14 +276,16 @@ class Pool:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.size)
         await self._slots.acquire()
+        key = _key(url)
         try:
-            conn, reused = await self._connection(url, connect_timeout)
+            conn, reused = await self._connection(key, connect_timeout)
+            self._ready_spare(key, connect_timeout)
             try:
                 await _exchange(conn, data)
             except ConnectionLost:
                 if not reused or conn.received:
                     raise
-                conn, _ = await self._connection(url, connect_timeout)
+                conn, _ = await self._connection(key, connect_timeout)
                 await _exchange(conn, data)
         except BaseException:
             self._slots.release()
@@ -260,17 +297,21 @@ class Pool:
         assert self._slots is not None
         self._slots.release()
 
-    async def _connection(self, url: URL, connect_timeout: float) -> tuple[Connection, bool]:
-        key = (url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80))
+    async def _connection(self, key: Key, connect_timeout: float) -> tuple[Connection, bool]:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
-            conn = idle.pop()  # the most recently used: the least likely to have been closed
-            if not conn.closed and now - conn.idle_since < IDLE_KEEP:
+            conn, _ = idle.popitem()  # the most recently used: the least likely to have been closed
+            # Bytes that came while it sat idle (a server's "408" before it hangs up) would
+            # be read as the next request's answer.
+            if not conn.closed and not conn.received and now - conn.idle_since < IDLE_KEEP:
                 return conn, True
             conn.close()
         if len(self._open) >= self.size:
             self._close_oldest_idle()
+        return await self._connect(key, connect_timeout), False
+
+    async def _connect(self, key: Key, connect_timeout: float) -> Connection:
         loop = asyncio.get_running_loop()
         ssl_context = self._ssl_context() if key[0] == "https" else None
         async with asyncio.timeout(connect_timeout):
@@ -279,19 +320,48 @@ class Pool:
                                                            server_hostname=key[1] if ssl_context else None)
         conn.transport = transport  # uvloop calls connection_made a moment later
         self._open.add(conn)
-        return conn, False
+        return conn
+
+    def _ready_spare(self, key: Key, connect_timeout: float) -> None:
+        """Open a spare connection to ``key`` in the background if none is idle, one is not
+        already on its way, and the pool has room. Only after a request got its connection:
+        an upstream that cannot be reached is found out, and reported, by requests alone."""
+        if (not self.spare or self._closed or self._idle.get(key) or key in self._opening_spare
+                or len(self._open) >= self.size):
+            return
+        self._opening_spare.add(key)
+        task = asyncio.get_running_loop().create_task(self._open_spare(key, connect_timeout))
+        self._spare_tasks.add(task)
+        task.add_done_callback(self._spare_tasks.discard)
+
+    async def _open_spare(self, key: Key, connect_timeout: float) -> None:
+        try:
+            conn = await self._connect(key, connect_timeout)
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            # No request waits for it; the next one that needs a connection opens its own.
+            log.debug("spare connection to %s:%s not opened: %s", key[1], key[2], exc)
+            return
+        finally:
+            self._opening_spare.discard(key)
+        if self._closed:
+            conn.close()
+        else:
+            self.keep(conn)
 
     def keep(self, conn: Connection) -> None:
         conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.key, collections.deque()).append(conn)
+        self._idle.setdefault(conn.key, {})[conn] = None
 
     def forget(self, conn: Connection) -> None:
         self._open.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle:
+            idle.pop(conn, None)
 
     def _close_oldest_idle(self) -> None:
-        queues = [q for q in self._idle.values() if q]
-        if queues:
-            min(queues, key=lambda q: q[0].idle_since).popleft().close()
+        oldest = [next(iter(idle)) for idle in self._idle.values() if idle]
+        if oldest:
+            min(oldest, key=lambda conn: conn.idle_since).close()
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -299,9 +369,16 @@ class Pool:
         return self._ssl
 
     def close(self) -> None:
+        self._closed = True
+        for task in self._spare_tasks:
+            task.cancel()
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+
+
+def _key(url: URL) -> Key:
+    return url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80)
 
 
 async def _exchange(conn: Connection, data: bytes) -> None:

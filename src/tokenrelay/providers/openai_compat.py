@@ -26,7 +26,8 @@ def make_client(settings: Settings, *, connect_timeout: float | None = None,
                 read_timeout: float | None = None) -> UpstreamClient:
     return UpstreamClient(pool_size=settings.pool_size,
                           connect_timeout=connect_timeout or settings.connect_timeout,
-                          read_timeout=read_timeout or settings.read_timeout)
+                          read_timeout=read_timeout or settings.read_timeout,
+                          spare_connection=settings.spare_connection)
 
 
 class OpenAICompatible:
