@@ -15,7 +15,7 @@ import asyncio
 import math
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,12 +276,13 @@ class RunResult:
 
 
 async def run_streams(target: Target, ask: Ask, *, concurrency: int, per_worker: int = 1,
-                      stagger: float = 0.0, deadline: float | None = None, keep_gaps: bool = True,
+                      stagger: float = 0.0, starts: Sequence[float] | None = None,
+                      deadline: float | None = None, keep_gaps: bool = True,
                       session: aiohttp.ClientSession | None = None,
                       slow_read: tuple[int, float] | None = None,
                       during: Callable[[], Awaitable[None]] | None = None) -> RunResult:
     """``concurrency`` workers, each running ``per_worker`` streams back to back; worker i
-    starts ``i * stagger`` seconds in. At ``deadline`` seconds every open stream is
+    starts ``starts[i]`` seconds in, or else ``i * stagger``. At ``deadline`` seconds every open stream is
     cancelled. ``during`` runs alongside (e.g. sampling the relay's memory)."""
     own = session is None
     session = session or make_session()
@@ -293,8 +294,9 @@ async def run_streams(target: Target, ask: Ask, *, concurrency: int, per_worker:
         received += n
 
     async def worker(i: int) -> None:
-        if stagger:
-            await asyncio.sleep(i * stagger)
+        delay = starts[i] if starts is not None else i * stagger
+        if delay:
+            await asyncio.sleep(delay)
         for _ in range(per_worker):
             result = StreamResult()
             try:

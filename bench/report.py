@@ -170,14 +170,17 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
         out += [f"## W1 latency under load ({p['streams']} concurrent streams × {p['tokens']} tokens × "
                 f"{p['interval_ms']:g} ms, {p['waves']} wave(s), arrivals {p['arrivals']}; "
                 f"other load {w['W1']['other_cpu_cores']} cores)", "",
-                "p99 is over all streams of a route; \"waves\" is the median of each wave's p99, which the "
-                "added figures compare (a machine-wide stall lands on one wave only).", "",
-                "| route | TTFT p50 ms | TTFT p99 ms | TTFT p99 ms, waves | added p99 ms | gap p50 ms | gap p99 ms | "
-                "gap p99 ms, waves | gap max ms | added gap p99 ms | streams | errors |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "p99 is over all streams of a route; \"waves\" is the median of each wave's p99 (in brackets "
+                "the lowest and highest), which the added figures compare (a machine-wide stall lands on one "
+                "wave only).", "",
+                "| route | TTFT p50 ms | added p50 ms | TTFT p99 ms | TTFT p99 ms, waves | added p99 ms | gap p50 ms | "
+                "gap p99 ms | gap p99 ms, waves | gap max ms | added gap p99 ms | streams | errors |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, f in w["W1"]["results"].items():
-            out.append(f"| {name} | {_fmt(f['ttft_ms']['p50'])} | {_fmt(f['ttft_ms']['p99'])} | "
-                       f"{_fmt(f['ttft_ms'].get('p99_waves'))} | "
+            spread = f["ttft_ms"].get("p99_wave_range")
+            out.append(f"| {name} | {_fmt(f['ttft_ms']['p50'])} | {_fmt(f['added_ttft_ms']['p50'])} | "
+                       f"{_fmt(f['ttft_ms']['p99'])} | {_fmt(f['ttft_ms'].get('p99_waves'))}"
+                       + (f" ({_fmt(spread[0])}–{_fmt(spread[1])})" if spread else "") + " | "
                        f"{_fmt(f['added_ttft_ms']['p99'])} | {_fmt(f['gap_ms']['p50'])} | {_fmt(f['gap_ms']['p99'])} | "
                        f"{_fmt(f['gap_ms'].get('p99_waves'))} | "
                        f"{_fmt(f['gap_ms']['max'])} | {_fmt(f['added_gap_ms']['p99'])} | {f['streams']} | {f['errors']} |")
