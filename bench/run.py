@@ -219,15 +219,16 @@ class Bench:
         finally:
             server.stop()
 
-    async def settle(self, timeout: float = 10.0) -> None:
+    async def settle(self, timeout: float = 10.0, *, after: str = "") -> None:
         """Wait until the simulator has no stream open — every stream cut at a deadline has
         been let go by the relay in between — and until every server has gone quiet: a
         gateway still busy with the last run's work would otherwise load the machine
-        under the next target's measurement."""
+        under the next target's measurement. ``after``: the target that ran last, for the log."""
         deadline = time.monotonic() + timeout
+        since = f" after {after}" if after else ""
         while (await sim_stats(self.servers["sim"]))["open_streams"] > 0:
             if time.monotonic() > deadline:
-                self.log("  (streams still open at the simulator after the settle timeout)")
+                self.log(f"  (streams still open at the simulator after the settle timeout{since})")
                 return
             await asyncio.sleep(0.02)
         servers = list(self.servers.values())
@@ -238,7 +239,8 @@ class Bench:
             if now - used < QUIET_CORES * QUIET_WINDOW:
                 return
             if time.monotonic() > deadline:
-                self.log(f"  (servers still busy after the settle timeout: {(now - used) / QUIET_WINDOW:.2f} cores)")
+                self.log(f"  (servers still busy after the settle timeout{since}: "
+                         f"{(now - used) / QUIET_WINDOW:.2f} cores)")
                 return
             used = now
 
@@ -316,11 +318,13 @@ class Bench:
         # Waves alternate the order of the targets, so a burst of other work on the machine
         # does not land on one target only; each target's figures pool all its waves.
         runs: dict[str, list[loadgen.RunResult]] = {name: [] for name in self.targets}
+        previous = ""
         for wave in range(s.w1_waves):
             starts = sorted(arrivals.uniform(0, window) for _ in range(s.w1_streams))
             order = list(self.targets.items())
             for name, target in (order if wave % 2 == 0 else order[::-1]):
-                await self.settle()
+                await self.settle(after=previous)
+                previous = name
                 run = await run_streams(target, ask, concurrency=s.w1_streams, starts=starts,
                                         deadline=s.w1_tokens * s.w1_interval * 4 + 30)
                 runs[name].append(run)
@@ -368,7 +372,7 @@ class Bench:
         run = await run_streams(target, ask, concurrency=concurrency, per_worker=10**9, deadline=seconds,
                                 keep_gaps=False)
         cpu, sim_cpu = server.cpu_seconds() - cpu0, sim.cpu_seconds() - sim0
-        await self.settle()
+        await self.settle(after=target.name)
         return run, cpu, sim_cpu
 
     @staticmethod
@@ -397,28 +401,35 @@ class Bench:
         ask = make_ask(ttft=0, tps=0, tokens=s.w2_tokens)
         out: dict[str, Any] = {name: {} for name in self.targets}
         shuffler = random.Random(2)
-        for c in s.w2_concurrency:
-            # Each target's time is split into rounds in a new order each round, so a drift
-            # of the machine's speed over the run is shared by all targets instead of
-            # landing on whichever ran last.
-            windows: dict[str, list[tuple[loadgen.RunResult, float, float]]] = {n: [] for n in self.targets}
-            for _ in range(s.w2_rounds):
-                order = list(self.targets)
-                shuffler.shuffle(order)
-                for name in order:
-                    server = self.servers[self.relay_of[name]]
-                    windows[name].append(await self._throughput_window(
-                        self.targets[name], server, ask, c, s.w2_seconds / s.w2_rounds))
-            for name in self.targets:
-                out[name][str(c)] = self._throughput_figures(windows[name])
-                self.log(f"  W2 {name} c={c}: {out[name][str(c)]['tokens_per_s']:.0f} tokens/s")
+        # The gateway peers run after all the others: LiteLLM falls far behind, keeps
+        # working on the streams its clients left, and stays busy past the settle timeout,
+        # loading the machine under whichever target came next.
+        own = [n for n in self.targets if n not in peers.NAMES]
+        gateways = [n for n in self.targets if n in peers.NAMES]
+        for group in (own, gateways):
+            for c in s.w2_concurrency:
+                # Each target's time is split into rounds in a new order each round, so a
+                # drift of the machine's speed over the run is shared by all targets instead
+                # of landing on whichever ran last.
+                windows: dict[str, list[tuple[loadgen.RunResult, float, float]]] = {n: [] for n in group}
+                for _ in range(s.w2_rounds):
+                    order = list(group)
+                    shuffler.shuffle(order)
+                    for name in order:
+                        server = self.servers[self.relay_of[name]]
+                        windows[name].append(await self._throughput_window(
+                            self.targets[name], server, ask, c, s.w2_seconds / s.w2_rounds))
+                for name in group:
+                    out[name][str(c)] = self._throughput_figures(windows[name])
+                    self.log(f"  W2 {name} c={c}: {out[name][str(c)]['tokens_per_s']:.0f} tokens/s")
         for name, by_c in out.items():
             for c, figures in by_c.items():
                 base = out["direct"][c]["tokens_per_s"]
                 figures["ratio_to_direct"] = round(figures["tokens_per_s"] / base, 3) if base else None
         return {"params": {"tokens": s.w2_tokens, "concurrency": list(s.w2_concurrency),
                            "seconds_each": s.w2_seconds, "rounds": s.w2_rounds, "model": ask.model,
-                           "order": "each target's time split into rounds, a new random order every round (seeded)",
+                           "order": "each target's time split into rounds, a new random order every round (seeded); "
+                                    "the gateway peers after all the others",
                            "note": "tokens/s over a fixed window; streams open at its end are cut off"},
                 "results": out}
 
