@@ -282,8 +282,8 @@ async def run_streams(target: Target, ask: Ask, *, concurrency: int, per_worker:
                       slow_read: tuple[int, float] | None = None,
                       during: Callable[[], Awaitable[None]] | None = None) -> RunResult:
     """``concurrency`` workers, each running ``per_worker`` streams back to back; worker i
-    starts ``starts[i]`` seconds in, or else ``i * stagger``. At ``deadline`` seconds every open stream is
-    cancelled. ``during`` runs alongside (e.g. sampling the relay's memory)."""
+    starts ``starts[i]`` seconds in, or else ``i * stagger``. At ``deadline`` seconds every
+    open stream is cancelled. ``during`` runs alongside (e.g. sampling the relay's memory)."""
     own = session is None
     session = session or make_session()
     results: list[StreamResult] = []
