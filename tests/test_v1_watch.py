@@ -64,3 +64,12 @@ def test_error_event_and_a_cut_stream() -> None:
     assert not w.done
     cut = watch(chunk({"content": "a"}), chunk({"content": "b"})[:20])
     assert cut.pending and not cut.done
+
+
+def test_of_two_events_in_one_read_that_set_the_same_field_the_later_wins() -> None:
+    """Lines holding a pattern are parsed in stream order, whichever pattern found them."""
+    first = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + b"\n\n"
+    later = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+                                      "usage": USAGE}) + b"\n\n"
+    w = watch(chunk({"content": "x"}) + first + later + b"data: [DONE]\n\n")
+    assert (w.done, w.finish_reason, w.usage, w.events) == (True, "length", USAGE, 4)
