@@ -144,6 +144,7 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
         "machine during each workload is listed with it.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".",
+        *([f"Source: {results['source']}."] if results.get("source") else []),
         "",
         "## Goals",
         "",

@@ -162,6 +162,7 @@ class Bench:
         self.results = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sizes": self.sizes.name,
+            "source": source_state(),
             "machine": machine(),
             "versions": versions(self.servers),
             "commands": {name: s.command() for name, s in self.servers.items()},
@@ -649,6 +650,20 @@ def git_describe(ref: str) -> str:
 
     done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref], capture_output=True, text=True)
     return done.stdout.strip() or ref
+
+
+def source_state() -> str:
+    """The commit measured, and whether the checkout had changes beside it ("" outside git)."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+    head = git("log", "-1", "--format=%h %s")
+    if head.returncode != 0:
+        return ""
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + (" (with uncommitted changes)" if changed else "")
 
 
 def raise_fd_limit(log: Callable[[str], None]) -> int:
