@@ -276,14 +276,14 @@ class RunResult:
 
 
 async def run_streams(target: Target, ask: Ask, *, concurrency: int, per_worker: int = 1,
-                      stagger: float = 0.0, starts: Sequence[float] | None = None,
+                      starts: Sequence[float] | None = None,
                       deadline: float | None = None, keep_gaps: bool = True,
                       session: aiohttp.ClientSession | None = None,
                       slow_read: tuple[int, float] | None = None,
                       during: Callable[[], Awaitable[None]] | None = None) -> RunResult:
     """``concurrency`` workers, each running ``per_worker`` streams back to back; worker i
-    starts ``starts[i]`` seconds in, or else ``i * stagger``. At ``deadline`` seconds every
-    open stream is cancelled. ``during`` runs alongside (e.g. sampling the relay's memory)."""
+    starts ``starts[i]`` seconds in (all at once without ``starts``). At ``deadline`` seconds
+    every open stream is cancelled. ``during`` runs alongside (e.g. sampling the relay's memory)."""
     own = session is None
     session = session or make_session()
     results: list[StreamResult] = []
@@ -294,9 +294,8 @@ async def run_streams(target: Target, ask: Ask, *, concurrency: int, per_worker:
         received += n
 
     async def worker(i: int) -> None:
-        delay = starts[i] if starts is not None else i * stagger
-        if delay:
-            await asyncio.sleep(delay)
+        if starts is not None and starts[i]:
+            await asyncio.sleep(starts[i])
         for _ in range(per_worker):
             result = StreamResult()
             try:

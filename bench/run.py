@@ -22,6 +22,7 @@ import platform
 import resource
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -137,7 +138,7 @@ class Bench:
             self.servers[label] = old
             self._add(f"{label}-text", old.url, TEXT, label)
             self._add(f"{label}-sse", old.url, TR_SSE, label)
-            self.notes.append(f"{label}-*: tokenrelay as of {ref} ({git_describe(ref)}), run beside this checkout")
+            self.notes.append(f"{label}-*: tokenrelay as of {ref} ({git_describe(ref) or ref}), run beside this checkout")
         base = self.servers["baseline"]
         self._add("baseline-text", base.url, TEXT, "baseline")
         self._add("baseline-v1", base.url, OPENAI, "baseline")
@@ -645,25 +646,23 @@ def has_v1(url: str) -> bool:
         return False
 
 
-def git_describe(ref: str) -> str:
-    import subprocess
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
 
-    done = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s", ref], capture_output=True, text=True)
-    return done.stdout.strip() or ref
+
+def git_describe(ref: str) -> str:
+    """``<hash> <subject>`` of a commit ("" outside git or for an unknown ref)."""
+    done = _git("log", "-1", "--format=%h %s", ref)
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def source_state() -> str:
     """The commit measured, and whether the checkout had changes beside it ("" outside git)."""
-    import subprocess
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-
-    head = git("log", "-1", "--format=%h %s")
-    if head.returncode != 0:
+    head = git_describe("HEAD")
+    if not head:
         return ""
-    changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + (" (with uncommitted changes)" if changed else "")
+    changed = _git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head + (" (with uncommitted changes)" if changed else "")
 
 
 def raise_fd_limit(log: Callable[[str], None]) -> int:
