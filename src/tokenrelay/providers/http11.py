@@ -263,8 +263,7 @@ class Pool:
         self._open: set[Connection] = set()
         self._slots: asyncio.Semaphore | None = None  # made in the event loop, on first use
         self._ssl: ssl.SSLContext | None = None
-        self._opening_spare: set[Key] = set()
-        self._spare_tasks: set[asyncio.Task[None]] = set()
+        self._spares_opening: dict[Key, asyncio.Task[None]] = {}
         self._closed = False
 
     async def request(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
@@ -326,13 +325,10 @@ class Pool:
         """Open a spare connection to ``key`` in the background if none is idle, one is not
         already on its way, and the pool has room. Only after a request got its connection:
         an upstream that cannot be reached is found out, and reported, by requests alone."""
-        if (not self.spare or self._closed or self._idle.get(key) or key in self._opening_spare
+        if (not self.spare or self._closed or self._idle.get(key) or key in self._spares_opening
                 or len(self._open) >= self.size):
             return
-        self._opening_spare.add(key)
-        task = asyncio.get_running_loop().create_task(self._open_spare(key, connect_timeout))
-        self._spare_tasks.add(task)
-        task.add_done_callback(self._spare_tasks.discard)
+        self._spares_opening[key] = asyncio.get_running_loop().create_task(self._open_spare(key, connect_timeout))
 
     async def _open_spare(self, key: Key, connect_timeout: float) -> None:
         try:
@@ -342,7 +338,7 @@ class Pool:
             log.debug("spare connection to %s:%s not opened: %s", key[1], key[2], exc)
             return
         finally:
-            self._opening_spare.discard(key)
+            del self._spares_opening[key]
         if self._closed:
             conn.close()
         else:
@@ -370,7 +366,7 @@ class Pool:
 
     def close(self) -> None:
         self._closed = True
-        for task in self._spare_tasks:
+        for task in self._spares_opening.values():
             task.cancel()
         for conn in list(self._open):
             conn.close()
