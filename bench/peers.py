@@ -24,7 +24,16 @@ LITELLM_VENV = PEERS_DIR / "litellm-venv"
 PORTKEY_DIR = PEERS_DIR / "portkey"
 NAMES = ("litellm", "portkey")
 LITELLM_SPEC = "litellm[proxy]"
-PORTKEY_SPEC = "@portkey-ai/gateway"
+# The gateway's own dependency range lets npm pick the newest @hono/node-server, with which
+# every streamed answer fails ("TypeError: immutable", Portkey-AI/gateway#1389): the gateway
+# appends headers to a Response whose headers are immutable. It streams with 1.13.8; 1.14.2
+# and 1.19.19 both fail.
+PORTKEY_MANIFEST = {
+    "name": "bench-portkey",
+    "private": True,
+    "dependencies": {"@portkey-ai/gateway": "^1.15.2"},
+    "overrides": {"@hono/node-server": "1.13.8"},
+}
 
 
 def _run(args: list[str], *, cwd: Path | None = None, log: Callable[[str], None]) -> None:
@@ -45,14 +54,16 @@ def install_litellm(log: Callable[[str], None]) -> Path:
 
 def install_portkey(log: Callable[[str], None]) -> Path:
     entry = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
-    if not entry.exists():
+    manifest = PORTKEY_DIR / "package.json"
+    wanted = json.dumps(PORTKEY_MANIFEST, indent=2) + "\n"
+    # An install made from another manifest (an older bench's) is redone, so the pin applies.
+    if not entry.exists() or not manifest.exists() or manifest.read_text() != wanted:
         if shutil.which("npm") is None:
             raise RuntimeError("npm is not installed")
         PORTKEY_DIR.mkdir(parents=True, exist_ok=True)
-        log("installing Portkey's gateway into bench/.peers/portkey (once) …")
-        if not (PORTKEY_DIR / "package.json").exists():
-            (PORTKEY_DIR / "package.json").write_text('{"name": "bench-portkey", "private": true}\n')
-        _run(["npm", "install", "--no-audit", "--no-fund", PORTKEY_SPEC], cwd=PORTKEY_DIR, log=log)
+        log("installing Portkey's gateway into bench/.peers/portkey …")
+        manifest.write_text(wanted)
+        _run(["npm", "install", "--no-audit", "--no-fund"], cwd=PORTKEY_DIR, log=log)
     if not entry.exists():
         found = list((PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway").rglob("start-server.js"))
         if not found:
@@ -125,6 +136,9 @@ def versions() -> dict[str, str]:
     package = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "package.json"
     if package.exists():
         out["portkey-gateway"] = json.loads(package.read_text()).get("version", "?")
+    server_package = PORTKEY_DIR / "node_modules" / "@hono" / "node-server" / "package.json"
+    if server_package.exists():
+        out["@hono/node-server"] = json.loads(server_package.read_text()).get("version", "?")
     if shutil.which("node"):
         out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     return {k: v for k, v in out.items() if v}
