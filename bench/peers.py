@@ -22,7 +22,7 @@ from .procs import Server, free_port
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 LITELLM_VENV = PEERS_DIR / "litellm-venv"
 PORTKEY_DIR = PEERS_DIR / "portkey"
-NAMES = ("litellm", "portkey")
+NAMES = ("portkey", "litellm")  # W2 measures them in this order; LiteLLM overruns its windows
 LITELLM_SPEC = "litellm[proxy]"
 # The gateway's own dependency range lets npm pick the newest @hono/node-server, with which
 # every streamed answer fails ("TypeError: immutable", Portkey-AI/gateway#1389): the gateway

@@ -403,12 +403,13 @@ class Bench:
         ask = make_ask(ttft=0, tps=0, tokens=s.w2_tokens)
         out: dict[str, Any] = {name: {} for name in self.targets}
         shuffler = random.Random(2)
-        # The gateway peers run after all the others: LiteLLM falls far behind, keeps
-        # working on the streams its clients left, and stays busy past the settle timeout,
-        # loading the machine under whichever target came next.
+        # The gateway peers run after all the others, one after the other in the order of
+        # peers.NAMES: LiteLLM falls far behind, keeps working on the streams its clients
+        # left, and stays busy past the settle timeout, loading the machine under whichever
+        # target comes next, so it comes last.
         own = [n for n in self.targets if n not in peers.NAMES]
-        gateways = [n for n in self.targets if n in peers.NAMES]
-        for group in (own, gateways):
+        gateways = [[n] for n in peers.NAMES if n in self.targets]
+        for group in (own, *gateways):
             for c in s.w2_concurrency:
                 # Each target's time is split into rounds in a new order each round, so a
                 # drift of the machine's speed over the run is shared by all targets instead
@@ -431,7 +432,7 @@ class Bench:
         return {"params": {"tokens": s.w2_tokens, "concurrency": list(s.w2_concurrency),
                            "seconds_each": s.w2_seconds, "rounds": s.w2_rounds, "model": ask.model,
                            "order": "each target's time split into rounds, a new random order every round (seeded); "
-                                    "the gateway peers after all the others",
+                                    "the gateway peers after all the others, one at a time, LiteLLM last",
                            "note": "tokens/s over a fixed window; streams open at its end are cut off"},
                 "results": out}
 
