@@ -133,12 +133,10 @@ def versions() -> dict[str, str]:
                 capture_output=True, text=True, timeout=60).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
-    package = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "package.json"
-    if package.exists():
-        out["portkey-gateway"] = json.loads(package.read_text()).get("version", "?")
-    server_package = PORTKEY_DIR / "node_modules" / "@hono" / "node-server" / "package.json"
-    if server_package.exists():
-        out["@hono/node-server"] = json.loads(server_package.read_text()).get("version", "?")
+    for package, label in (("@portkey-ai/gateway", "portkey-gateway"), ("@hono/node-server", "@hono/node-server")):
+        manifest = PORTKEY_DIR / "node_modules" / package / "package.json"
+        if manifest.exists():
+            out[label] = json.loads(manifest.read_text()).get("version", "?")
     if shutil.which("node"):
         out["node"] = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
     return {k: v for k, v in out.items() if v}
