@@ -333,7 +333,7 @@ class Pool:
     async def _open_spare(self, key: Key, connect_timeout: float) -> None:
         try:
             conn = await self._connect(key, connect_timeout)
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except OSError as exc:  # refused or unreachable; TimeoutError and ssl.SSLError are OSErrors too
             # No request waits for it; the next one that needs a connection opens its own.
             log.debug("spare connection to %s:%s not opened: %s", key[1], key[2], exc)
             return

@@ -64,6 +64,7 @@ class StreamWatch:
             while at != -1:
                 start = lines.rfind(b"\n", 0, at) + 1
                 starts.add(start)
+                # The next one on a later line; none once this line is the last.
                 at = lines.find(marker, lines.find(b"\n", at) + 1 or len(lines))
         for start in sorted(starts):
             end = lines.find(b"\n", start)
