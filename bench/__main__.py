@@ -22,7 +22,7 @@ from .sizes import PRESETS
 @click.option("--peers", is_flag=True, help="Also measure LiteLLM's proxy and Portkey's gateway (installed into "
               "bench/.peers/ on first use).")
 @click.option("--before", multiple=True, metavar="GITREF",
-              help="Also run tokenrelay as of this git commit, side by side (targets @REF-text, @REF-sse); "
+              help="Also run tokenrelay as of this git commit, side by side (targets @REF-text, @REF-sse, @REF-v1); "
                    "repeatable.")
 @click.option("--targets", default=None, metavar="direct,tokenrelay-text,…",
               help="Measure only these targets (direct is always measured: it is the floor).")

@@ -44,7 +44,7 @@ WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5")
 
 def make_ask(*, ttft: float, tps: float, tokens: int, question: str = QUESTION) -> Ask:
     """The simulator options for a stream, and the answer it must produce."""
-    from tokenrelay.providers.simulator import SimOptions, answer_tokens
+    from tokenrelay.sim.provider import SimOptions, answer_tokens
     from tokenrelay.schemas import ChatRequest
 
     model = f"sim:ttft={ttft:g},tps={tps:g},tokens={tokens}"
@@ -138,6 +138,8 @@ class Bench:
             self.servers[label] = old
             self._add(f"{label}-text", old.url, TEXT, label)
             self._add(f"{label}-sse", old.url, TR_SSE, label)
+            if has_v1(old.url):
+                self._add(f"{label}-v1", old.url, OPENAI, label)
             self.notes.append(f"{label}-*: tokenrelay as of {ref} ({git_describe(ref) or ref}), run beside this checkout")
         base = self.servers["baseline"]
         self._add("baseline-text", base.url, TEXT, "baseline")

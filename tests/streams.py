@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tokenrelay.streaming.sse_decoder import ServerSentEvent, SSEDecoder
+from tokenrelay.providers.sse_decoder import ServerSentEvent, SSEDecoder
 
 
 def chat(content: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from servers import RelayServer, SimServer
-from tokenrelay.providers.simulator import SimOptions, answer_tokens
+from tokenrelay.sim.provider import SimOptions, answer_tokens
 from tokenrelay.schemas import ChatRequest
 from streams import chat, event_data, read_stream
 

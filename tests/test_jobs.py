@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 from streams import chat
 from webhook_receiver import SECRET, running_receiver
 
-from tokenrelay.streaming.sse_decoder import SSEDecoder
+from tokenrelay.providers.sse_decoder import SSEDecoder
 
 FAST_RETRIES = {"TOKENRELAY_WEBHOOK_BACKOFF": "0.05", "TOKENRELAY_WEBHOOK_BACKOFF_MAX": "0.2"}
 

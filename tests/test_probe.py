@@ -11,7 +11,7 @@ import pytest
 from servers import RelayServer
 from streams import Arrivals
 
-from tokenrelay.streaming.sse_decoder import SSEDecoder
+from tokenrelay.providers.sse_decoder import SSEDecoder
 
 
 def get_probe(relay: RelayServer, query: str, *, sse: bool = False) -> Arrivals:

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from tokenrelay.errors import UpstreamError, UpstreamRateLimited, ValidationFailed
-from tokenrelay.providers.simulator import SimOptions, Simulator
+from tokenrelay.sim.provider import SimOptions, Simulator
 from tokenrelay.schemas import ChatRequest
 
 

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrelay.streaming.sse_decoder import ServerSentEvent, SSEDecoder
+from tokenrelay.providers.sse_decoder import ServerSentEvent, SSEDecoder
 
 # Text with 1- to 4-byte UTF-8 characters, and none of the characters that end a line.
 texts = st.text(

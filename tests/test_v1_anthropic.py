@@ -16,7 +16,7 @@ from sdk import client, close_clients  # noqa: F401  (the fixture closes the cli
 from servers import RelayServer, SimServer
 from streams import chat
 from tokenrelay.providers.anthropic import messages_body
-from tokenrelay.streaming.sse_decoder import SSEDecoder
+from tokenrelay.providers.sse_decoder import SSEDecoder
 
 ANTHROPIC_HEADERS = {"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"}
 USER = [{"role": "user", "content": 'Weather in "Zürich" ✓ today?'}]

@@ -54,7 +54,7 @@ def test_models_lists_what_is_routable(routed: RelayServer) -> None:
     listed = {m.id: m.owned_by for m in client(routed).models.list()}
     # 'good' lists its upstream's models matching 'sim*'; 'local' is a plain name; the
     # failing simulators' models match none of their patterns.
-    assert listed == {"sim": "good", "sim:echo": "good", "local": "local"}
+    assert listed == {"sim": "good", "sim:echo": "good", "sim:tools": "good", "local": "local"}
 
 
 def test_unroutable_model_is_404_model_not_found(routed: RelayServer) -> None:

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Scope
 
 from .auth import KeyRing, bearer_token, key_id
 from .errors import (
@@ -46,11 +47,11 @@ class AccessMiddleware:
         self.limiter = limiter if limiter.enabled else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not is_api_path(_route_path(scope)):
+        if scope["type"] != "http" or not is_api_path(route_path(scope)):
             await self.app(scope, receive, send)
             return
         if self.keys:
-            token = bearer_token(_header(scope, b"authorization"))
+            token = bearer_token(header(scope, b"authorization"))
             key = self.keys.match(token) if token is not None else None
             if key is None:
                 if token is None:
@@ -92,7 +93,7 @@ class AccessMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def _route_path(scope: dict[str, Any]) -> str:
+def route_path(scope: Scope) -> str:
     """The path the router matches: without the ``root_path`` a mount point adds (as
     Starlette's own routing strips it), so a prefix cannot carry a request past the check."""
     path: str = scope["path"]
@@ -100,7 +101,7 @@ def _route_path(scope: dict[str, Any]) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
-def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value)
@@ -119,4 +120,4 @@ def cors_options(origins: list[str]) -> dict[str, Any]:
     }
 
 
-__all__ = ["AccessMiddleware", "CORSMiddleware", "cors_options", "is_api_path"]
+__all__ = ["AccessMiddleware", "CORSMiddleware", "cors_options", "header", "is_api_path", "route_path"]

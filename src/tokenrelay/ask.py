@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 
-from .streaming.sse_decoder import SSEDecoder
+from .providers.sse_decoder import SSEDecoder
 
 
 class AskFailed(Exception):

@@ -208,8 +208,8 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
     import uvicorn
 
     from .errors import ValidationFailed
-    from .providers.simulator import SimOptions
-    from .sim_server import create_sim_app
+    from .sim import SimOptions
+    from .sim.openai_server import create_sim_app
 
     defaults = SimOptions(ttft=ttft, tps=tps, tokens=tokens, seed=seed)
     if fault:

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(
         default=15.0, gt=0, description="Seconds of silence before an SSE ': ping' comment."
     )
+    send_timeout: float = Field(
+        default=60.0, ge=0,
+        description="Seconds one write to a client may wait while the client reads nothing; then the "
+                    "client is dropped and its upstream request closed (0: wait forever).",
+    )
     keepalive_timeout: int = Field(
         default=5, gt=0,
         description="Seconds an idle client connection stays open. Behind a load balancer that reuses "

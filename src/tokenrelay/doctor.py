@@ -25,7 +25,7 @@ import httpx
 import orjson
 
 from . import __version__
-from .streaming.sse_decoder import SSEDecoder
+from .providers.sse_decoder import SSEDecoder
 
 Mode = Literal["text", "sse"]
 

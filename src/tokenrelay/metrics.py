@@ -44,8 +44,10 @@ from prometheus_client import (
 from starlette.requests import Request
 from starlette.responses import Response
 
+from .access import route_path
+
 if TYPE_CHECKING:
-    from .streaming.relay import StreamRecord
+    from .streaming.record import StreamRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -144,7 +146,7 @@ class MetricsMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in STREAM_PATHS:
+        if scope["type"] != "http" or route_path(scope) in STREAM_PATHS:
             await self.app(scope, receive, send)
             return
         status = 500  # an exception that escapes before the response starts

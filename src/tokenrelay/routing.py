@@ -25,15 +25,15 @@ from typing import TypeVar
 
 from .config import Settings, UpstreamRoute
 from .errors import ModelNotFound, UpstreamError, UpstreamRateLimited, UpstreamUnavailable
-from .providers.base import Delta, Provider
+from .providers.anthropic import Anthropic
+from .providers.base import Delta, OpenAIRequest, Passthrough, Provider
 from .providers.openai_compat import OpenAICompatible, make_client
-from .providers.simulator import Simulator
 from .schemas import ChatRequest
+from .sim import MODELS as SIM_MODELS
+from .sim import SimOptions, Simulator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-SIM_MODELS = ("sim", "sim:echo", "sim:tools")
 
 
 @dataclass(eq=False)
@@ -80,12 +80,8 @@ class Router:
         return self.upstreams[0]
 
     def _default(self, settings: Settings) -> Upstream:
-        provider: Provider
         if settings.upstream_url is None:
-            from .providers import sim_defaults
-
-            provider = Simulator(sim_defaults(settings))
-            return Upstream("simulator", "simulator", "*", provider, list(SIM_MODELS))
+            return Upstream("simulator", "simulator", "*", _simulator(settings), list(SIM_MODELS))
         key = settings.upstream_key.get_secret_value() if settings.upstream_key else None
         provider = OpenAICompatible(base_url=settings.upstream_url, api_key=key, client=make_client(settings),
                                     label=settings.upstream_label)
@@ -96,23 +92,17 @@ class Router:
         key = os.environ.get(route.key_env) if route.key_env else None  # checked by Settings
         provider: Provider
         if route.kind == "simulator":
-            from .providers import sim_defaults
-
-            provider = Simulator(sim_defaults(settings))
+            provider = _simulator(settings)
         else:
             assert route.url is not None
             client = make_client(settings, connect_timeout=route.connect_timeout, read_timeout=route.read_timeout)
             if route.kind == "anthropic":
-                from .providers.anthropic import Anthropic
-
                 provider = Anthropic(base_url=route.url, api_key=key, client=client, label=route.label)
             else:
                 provider = OpenAICompatible(base_url=route.url, api_key=key, client=client, label=route.label)
         listed = list(route.models)
-        if not any(c in route.pattern for c in "*?["):
+        if not _is_glob(route.pattern):
             listed.insert(0, route.pattern)
-        elif route.kind == "simulator":
-            listed += [m for m in SIM_MODELS if fnmatch.fnmatchcase(m, route.pattern)]
         return Upstream(route.label, route.kind, route.pattern, provider, listed)
 
     def resolve(self, model: str) -> Upstream:
@@ -126,8 +116,7 @@ class Router:
         seen: dict[str, str] = {}
         for upstream in self.upstreams:
             names = list(upstream.listed)
-            if upstream.kind == "openai" and any(c in upstream.pattern for c in "*?["):
-                assert isinstance(upstream.provider, OpenAICompatible)
+            if _is_glob(upstream.pattern):
                 names += [m for m in await upstream.provider.models() if upstream.matches(m)]
             for name in names:
                 # a model listed by a later route may be shadowed by an earlier pattern
@@ -170,6 +159,15 @@ class Router:
         raise last_error
 
 
+def _simulator(settings: Settings) -> Simulator:
+    return Simulator(SimOptions(ttft=settings.sim_ttft, tps=settings.sim_tps, tokens=settings.sim_tokens,
+                                seed=settings.sim_seed))
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
 def retryable(exc: UpstreamError) -> bool:
     if isinstance(exc, (UpstreamUnavailable, UpstreamRateLimited)):
         return True
@@ -187,48 +185,35 @@ def _short(exc: UpstreamError) -> str:
     return str(exc.upstream_status) if exc.upstream_status else exc.type
 
 
-class RoutedProvider:
-    """A route's provider behind the ``Provider`` protocol, retried where safe, for
-    ``/api/get-response``; ``report`` receives the tries for the log line."""
-
-    def __init__(self, router: Router, upstream: Upstream, report: Callable[[str], None]) -> None:
-        self.router, self.upstream, self.report = router, upstream, report
-        self.label = upstream.provider.label
-
-    async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
-        async def attempt(upstream: Upstream) -> AsyncIterator[Delta]:
-            return await upstream.provider.open(request, model=model)
-
-        attempts = Attempts()
-        try:
-            return await self.router.open_with_retries(self.upstream, attempt, attempts)
-        finally:
-            self.report(str(attempts))
-
-    async def aclose(self) -> None:
-        return None
-
-
 class ModelRouter:
     """The whole router behind the ``Provider`` protocol: each request goes to the route of
-    its model, retried where safe. ``app.state.provider`` is one, so code written for a
-    single provider (jobs, readiness) routes too."""
+    its model, retried where safe (``attempts`` collects the tries for the log line). Every
+    process — ``serve``, ``worker``, a test — builds its provider as
+    ``ModelRouter(Router(settings))``, so an answer comes from the same route wherever it runs."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
         self.label = router.default.provider.label
 
-    async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
-        return await RoutedProvider(self.router, self.router.resolve(model), lambda _: None).open(
-            request, model=model)
+    async def open(self, request: ChatRequest, *, model: str, attempts: Attempts | None = None) -> AsyncIterator[Delta]:
+        async def attempt(upstream: Upstream) -> AsyncIterator[Delta]:
+            return await upstream.provider.open(request, model=model)
+
+        return await self.router.open_with_retries(self.router.resolve(model), attempt, attempts or Attempts())
+
+    async def open_openai(self, request: OpenAIRequest, *, model: str,
+                          attempts: Attempts | None = None) -> Passthrough | AsyncIterator[Delta]:
+        async def attempt(upstream: Upstream) -> Passthrough | AsyncIterator[Delta]:
+            return await upstream.provider.open_openai(request, model=model)
+
+        return await self.router.open_with_retries(self.router.resolve(model), attempt, attempts or Attempts())
+
+    async def models(self) -> list[str]:
+        return [name for name, _ in await self.router.models()]
 
     async def check_ready(self, *, timeout: float) -> str | None:
         """The default upstream's readiness (the simulator is always ready)."""
-        check = getattr(self.router.default.provider, "check_ready", None)
-        if check is None:
-            return None
-        reason: str | None = await check(timeout=timeout)
-        return reason
+        return await self.router.default.provider.check_ready(timeout=timeout)
 
     async def aclose(self) -> None:
         for upstream in self.router.upstreams:

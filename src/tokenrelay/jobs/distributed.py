@@ -22,7 +22,7 @@ from saq.queue.redis import RedisQueue
 from saq.types import PartialTimersDict
 
 from ..config import Settings
-from ..providers import make_provider
+from ..routing import ModelRouter, Router
 from .model import Job
 from .redis_store import RedisJobStore
 from .runner import JobContext, cancel, process
@@ -144,7 +144,7 @@ def make_worker(settings: Settings, *, concurrency: int | None = None, signals: 
 
     async def startup(ctx: dict[str, Any]) -> None:
         store = RedisJobStore(settings.redis_url or "")
-        ctx["jobs"] = JobContext(store=store, provider=make_provider(settings),
+        ctx["jobs"] = JobContext(store=store, provider=ModelRouter(Router(settings)),
                                  deliverer=Deliverer(settings, store))
         log.info("worker %s: running jobs from %s (%s)", ctx["worker"].id, redis_label(settings.redis_url or ""),
                  settings.upstream_label)

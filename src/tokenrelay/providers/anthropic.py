@@ -19,10 +19,10 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
+from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
 from ..schemas import ChatRequest, message_text
-from ..streaming.sse_decoder import SSEDecoder
-from .base import Delta, ToolCallDelta, Usage, event_object
+from .sse_decoder import SSEDecoder
+from .base import Delta, OpenAIRequest, ToolCallDelta, Usage, event_object
 from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse
 
 API_VERSION = "2023-06-01"
@@ -34,6 +34,7 @@ STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "leng
 class Anthropic:
     def __init__(self, *, base_url: str, api_key: str | None, client: UpstreamClient, label: str) -> None:
         self.url = URL(base_url.rstrip("/") + "/messages")
+        self.models_url = URL(base_url.rstrip("/") + "/models")
         self.label = label
         self._client = client
         self._headers = {**SSE_REQUEST_HEADERS, "anthropic-version": API_VERSION}
@@ -48,10 +49,13 @@ class Anthropic:
             body["temperature"] = request.temperature
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
-        return await self.open_openai(body, model=model)
+        return await self._open(body, model=model)
 
-    async def open_openai(self, body: dict[str, Any], *, model: str) -> AsyncIterator[Delta]:
-        """Start a request given as an OpenAI chat completions body."""
+    async def open_openai(self, request: OpenAIRequest, *, model: str) -> AsyncIterator[Delta]:
+        """Translates the whole OpenAI body, tool definitions and tool results too."""
+        return await self._open(request.body, model=model)
+
+    async def _open(self, body: dict[str, Any], *, model: str) -> AsyncIterator[Delta]:
         payload = orjson.dumps(messages_body(body, model))
         response = await self._client.post_stream(self.url, payload, self._headers)
         return self._deltas(response)
@@ -62,6 +66,22 @@ class Anthropic:
                 yield delta
         finally:
             response.close()
+
+    async def models(self) -> list[str]:
+        return []  # routes name their Anthropic models (``models`` in the route)
+
+    async def check_ready(self, *, timeout: float) -> str | None:
+        """Whether the upstream answers ``GET {base}/models`` (as ``OpenAICompatible``)."""
+        headers = {k: v for k, v in self._headers.items() if k in ("x-api-key", "anthropic-version")}
+        try:
+            status, _ = await self._client.get(self.models_url, headers, timeout=timeout)
+        except UpstreamTimeout:
+            return f"upstream did not answer GET /models within {timeout:g} s"
+        except UpstreamUnavailable as exc:
+            return exc.message
+        if status >= 500 or status in (401, 403):
+            return f"upstream answered GET /models with {status}"
+        return None
 
     async def aclose(self) -> None:
         await self._client.aclose()

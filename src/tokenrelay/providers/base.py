@@ -1,15 +1,23 @@
 """The Provider protocol: where answers come from.
 
-A provider turns a valid ``ChatRequest`` into an async iterator of ``Delta``. ``open``
-returns once the upstream has accepted the request (so refusals become an HTTP status
-before the first byte); iterating yields the answer; closing the iterator (``aclose``)
-cancels the upstream request.
+A provider opens a request and returns once the upstream has accepted it (so refusals become
+an HTTP status before the first byte). What it returns is one of two things:
+
+* an async iterator of ``Delta`` — the answer normalised, for any wire the client wants
+  (``open`` always returns this; ``open_openai`` does for an upstream that speaks another
+  language, such as Anthropic's or the simulator);
+* a ``Passthrough`` — the upstream's own response, already in the client's wire format (an
+  OpenAI-compatible upstream answering ``/v1``), so every field it sends reaches the client.
+
+Closing either (``aclose`` / ``close``) cancels the upstream request. The streaming layer
+knows only this module, never a concrete provider; ``routing.Router`` builds them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -65,9 +73,53 @@ class Delta:
     tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """A ``/v1/chat/completions`` request as the client sent it: the bytes, passed on
+    unchanged where the upstream speaks the same API, and the parsed body, for translating."""
+
+    raw: bytes
+    body: dict[str, Any]
+    stream: bool
+
+
+class UpstreamBody(Protocol):
+    """An upstream response whose status was 200: its headers, and its body to iterate or
+    read whole. The reader must ``close`` it."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """The upstream's answer in the client's own wire format, to be relayed as it is."""
+
+    response: UpstreamBody
+
+
 class Provider(Protocol):
     label: str
     """Shown to users: 'simulator' or the upstream's URL without credentials."""
+
+    async def open_openai(self, request: OpenAIRequest, *, model: str) -> Passthrough | AsyncIterator[Delta]:
+        """Start an OpenAI chat completions request: passed through where the upstream
+        speaks that API, else translated and answered as deltas."""
+        ...
+
+    async def models(self) -> list[str]:
+        """The models the upstream itself lists (empty when it lists none)."""
+        ...
+
+    async def check_ready(self, *, timeout: float) -> str | None:
+        """None when the upstream answers, else why not (the simulator is always ready)."""
+        ...
 
     async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
         """Start the request; raise ``UpstreamError`` if the upstream refuses it.

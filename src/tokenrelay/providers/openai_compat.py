@@ -17,8 +17,8 @@ from yarl import URL
 from ..config import Settings
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..schemas import ChatRequest
-from ..streaming.sse_decoder import SSEDecoder
-from .base import Delta, Usage, event_object
+from .sse_decoder import SSEDecoder
+from .base import Delta, OpenAIRequest, Passthrough, Usage, event_object
 from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, error_message
 
 
@@ -57,6 +57,10 @@ class OpenAICompatible:
     async def open(self, request: ChatRequest, *, model: str) -> AsyncIterator[Delta]:
         response = await self.send(self._body(request, model))
         return self._deltas(response)
+
+    async def open_openai(self, request: OpenAIRequest, *, model: str) -> Passthrough:
+        """The client's own bytes go on unchanged, so every field it sends reaches the upstream."""
+        return Passthrough(await self.send(request.raw, stream=request.stream))
 
     async def send(self, body: bytes, *, stream: bool = True) -> UpstreamResponse:
         """Send a chat completions body as it is; the response once its status is 200.

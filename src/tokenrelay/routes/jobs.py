@@ -33,7 +33,7 @@ from ..jobs.store import FollowEvent
 from ..jobs.webhooks import check_url_syntax
 from ..schemas import ChatRequest, parse_model
 from ..streaming import sse
-from .stream import read_json_body
+from .request_body import read_json_body
 
 log = logging.getLogger("tokenrelay.jobs")
 

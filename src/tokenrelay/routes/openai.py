@@ -15,14 +15,19 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
-from ..errors import TokenrelayError, ValidationFailed, openai_dict
+from ..errors import ValidationFailed
 from ..logs import request_id
+from ..providers.base import OpenAIRequest
+from ..routing import Attempts
 from ..schemas import parse_json_object
-from ..streaming.openai_relay import V1Response
-from ..streaming.relay import StreamRecord
-from .stream import new_stream_id, read_json_body
+from ..state import app_state
+from ..streaming.openai_relay import STREAM_HEADERS, openai_error, v1_body
+from ..streaming.record import StreamRecord, new_stream_id
+from ..streaming.response import Body, StreamResponse
+from .endpoint import Endpoint
+from .request_body import read_json_body
 
 
 class _Param(ValidationFailed):
@@ -51,36 +56,41 @@ def check_body(body: dict[str, Any]) -> tuple[str | None, bool]:
     return model, bool(stream)
 
 
-async def chat_completions(request: Request) -> V1Response:
-    state = request.app.state
-    raw = await read_json_body(request, state.settings.max_body_bytes)
+@Endpoint
+async def chat_completions(request: Request) -> StreamResponse:
+    state = app_state(request)
+    settings = state.settings
+    raw = await read_json_body(request, settings.max_body_bytes)
     body = parse_json_object(raw)
     model, stream = check_body(body)
-    model = model or state.settings.default_model
+    model = model or settings.default_model
     if model is None:
         raise _Param("model: required, since no default model is set (TOKENRELAY_MODEL)", param="model")
     if "model" not in body:
         # The upstream needs a model too: the default is written in, the rest stays as sent.
         body["model"] = model
         raw = raw.rstrip()[:-1] + b',"model":' + orjson.dumps(model) + b"}"
-    router = state.router
-    upstream = router.resolve(model)
+    state.router.resolve(model)  # an unknown model is a 404 before anything starts
     record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model,
                           mode="sse" if stream else "json", route="/v1/chat/completions")
-    return V1Response(router=router, upstream=upstream, raw=raw, body=body, record=record, stream=stream,
-                      observer=state.metrics)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    provider = state.provider
+    headers = [*STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
+
+    async def open_body() -> Body:
+        attempts = Attempts()
+        try:
+            opened = await provider.open_openai(OpenAIRequest(raw, body, stream), model=model, attempts=attempts)
+        finally:
+            record.attempts = str(attempts)
+        return v1_body(opened, record, headers, stream=stream, include_usage=include_usage)
+
+    return StreamResponse(open_body, headers=headers, record=record, observer=state.metrics,
+                          send_timeout=settings.send_timeout, error_response=openai_error)
 
 
 async def list_models(request: Request) -> JSONResponse:
-    models = await request.app.state.router.models()
+    models = await app_state(request).router.models()
     created = int(time.time())
     return JSONResponse({"object": "list", "data": [
         {"id": name, "object": "model", "created": created, "owned_by": upstream} for name, upstream in models]})
-
-
-async def openai_error(request: Request, exc: Exception) -> Response:
-    """Errors on ``/v1`` before the first byte, in OpenAI's shape."""
-    assert isinstance(exc, TokenrelayError)
-    headers = {**exc.headers, "x-request-id": request_id.get()}
-    return JSONResponse(openai_dict(exc), status_code=exc.status, headers=headers)
-

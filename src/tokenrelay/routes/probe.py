@@ -16,10 +16,10 @@ The headers are those of ``/api/get-response`` (``Cache-Control: no-cache, no-tr
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
 
-import anyio
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
@@ -28,6 +28,9 @@ from .. import __version__
 from ..errors import ValidationFailed
 from ..logs import request_id
 from ..schemas import describe_validation
+from ..state import app_state
+from ..streaming.response import StreamResponse, body_of
+from .endpoint import Endpoint
 
 
 class ProbeParams(BaseModel):
@@ -64,49 +67,29 @@ def sse_tick(seq: int, of: int, t: float, sent: float) -> bytes:
     return b"event: tick\nid: %d\ndata: %s\n\n" % (seq, data)
 
 
-async def probe(request: Request) -> ProbeResponse:
+@Endpoint
+async def probe(request: Request) -> StreamResponse:
     params = parse_params(dict(request.query_params))
     sse = "text/event-stream" in request.headers.get("accept", "")
-    return ProbeResponse(params, sse=sse, request_id=request_id.get())
+    content_type = b"text/event-stream; charset=utf-8" if sse else b"text/plain; charset=utf-8"
+    headers = [
+        (b"content-type", content_type),
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"x-accel-buffering", b"no"),
+        (b"x-request-id", request_id.get().encode()),
+        (b"x-tokenrelay-probe", __version__.encode()),
+    ]
+    # No heartbeat: a probe's silence is what it measures. A client that leaves ends it at
+    # once, even in the middle of a long ``idle``.
+    return StreamResponse(body_of(ticks(params, sse_tick if sse else text_tick)), headers=headers,
+                          send_timeout=app_state(request).settings.send_timeout)
 
 
-class ProbeResponse:
-    """Plain ASGI, like the relay: a client that leaves ends the probe at once, even in the
-    middle of a long ``idle`` silence."""
-
-    def __init__(self, params: ProbeParams, *, sse: bool, request_id: str) -> None:
-        self.params = params
-        self.tick = sse_tick if sse else text_tick
-        content_type = b"text/event-stream; charset=utf-8" if sse else b"text/plain; charset=utf-8"
-        self.headers = [
-            (b"content-type", content_type),
-            (b"cache-control", b"no-cache, no-transform"),
-            (b"x-accel-buffering", b"no"),
-            (b"x-request-id", request_id.encode()),
-            (b"x-tokenrelay-probe", __version__.encode()),
-        ]
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._listen_for_disconnect, receive, tg.cancel_scope)
-            await self._ticks(send)
-            tg.cancel_scope.cancel()
-
-    async def _ticks(self, send: Any) -> None:
-        p = self.params
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        began = time.monotonic()
-        for seq in range(1, p.ticks + 1):
-            # Due times count from the start, so a late tick does not delay the rest.
-            wait = began + p.offset(seq) - time.monotonic()
-            if wait > 0:
-                await anyio.sleep(wait)
-            body = self.tick(seq, p.ticks, time.monotonic() - began, time.time())
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    @staticmethod
-    async def _listen_for_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        scope.cancel()
+async def ticks(params: ProbeParams, tick: Callable[[int, int, float, float], bytes]) -> AsyncGenerator[bytes, None]:
+    began = time.monotonic()
+    for seq in range(1, params.ticks + 1):
+        # Due times count from the start, so a late tick does not delay the rest.
+        wait = began + params.offset(seq) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        yield tick(seq, params.ticks, time.monotonic() - began, time.time())

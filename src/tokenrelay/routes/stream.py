@@ -1,6 +1,7 @@
 """``POST /api/get-response``: the route of the original design, done right.
 
-request → validation (here) → provider → relay (``streaming.relay``) → client.
+request → validation (here) → provider (routed, ``routing.ModelRouter``) → body in the wire
+format (``streaming.relay``) → ``StreamResponse`` → client.
 The ``Accept`` header picks the wire: plain text by default, SSE for
 ``text/event-stream``; ``"stream": false`` asks for one JSON answer at the end.
 """
@@ -11,36 +12,58 @@ import random
 
 from starlette.requests import Request
 
-from ..errors import PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from ..errors import ValidationFailed
 from ..logs import request_id
+from ..routing import Attempts
 from ..schemas import ChatRequest, parse_model
-from ..routing import RoutedProvider
-from ..streaming.relay import Mode, RelayResponse, StreamRecord
+from ..state import app_state
+from ..streaming import sse
+from ..streaming.record import Mode, StreamRecord, new_stream_id
+from ..streaming.relay import BODIES, CONTENT_TYPES
+from ..streaming.response import Body, StreamResponse
+from .endpoint import Endpoint
+from .request_body import read_json_body
 
 
-async def get_response(request: Request) -> RelayResponse:
-    state = request.app.state
-    raw = await read_json_body(request, state.settings.max_body_bytes)
+@Endpoint
+async def get_response(request: Request) -> StreamResponse:
+    state = app_state(request)
+    settings = state.settings
+    raw = await read_json_body(request, settings.max_body_bytes)
     chat = parse_model(ChatRequest, raw)
-    model = chat.model or state.settings.default_model
+    model = chat.model or settings.default_model
     if model is None:
         raise ValidationFailed("model: required, since no default model is set (TOKENRELAY_MODEL)")
-    upstream = state.router.resolve(model)
+    state.router.resolve(model)  # an unknown model is a 404 before anything starts
+    mode = pick_mode(request, chat)
     record = StreamRecord(
         request_id=request_id.get(),
         stream_id=new_stream_id(),
         model=model,
-        mode=pick_mode(request, chat),
-        prompt=last_user_message(chat) if state.settings.log_prompts else None,
+        mode=mode,
+        prompt=last_user_message(chat) if settings.log_prompts else None,
     )
+    provider = state.provider
 
-    def report(attempts: str) -> None:
-        record.attempts = attempts
+    async def open_body() -> Body:
+        attempts = Attempts()
+        try:
+            # The request is the provider's from here: not kept for the stream's lifetime.
+            deltas = await provider.open(chat, model=model, attempts=attempts)
+        finally:
+            record.attempts = str(attempts)
+        return BODIES[mode](deltas, record)
 
-    return RelayResponse(
-        provider=RoutedProvider(state.router, upstream, report), request=chat, record=record,
-        heartbeat=state.settings.heartbeat_interval, observer=state.metrics,
-    )
+    headers = [
+        (b"content-type", CONTENT_TYPES[mode]),
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"x-accel-buffering", b"no"),
+        (b"x-request-id", record.request_id.encode()),
+        (b"x-stream-id", record.stream_id.encode()),
+    ]
+    return StreamResponse(open_body, headers=headers, record=record, observer=state.metrics,
+                          ping=sse.PING if mode == "sse" else None, heartbeat=settings.heartbeat_interval,
+                          send_timeout=settings.send_timeout)
 
 
 def last_user_message(chat: ChatRequest) -> str:
@@ -53,35 +76,3 @@ def pick_mode(request: Request, chat: ChatRequest) -> Mode:
     if "text/event-stream" in request.headers.get("accept", ""):
         return "sse"
     return "text"
-
-
-def new_stream_id() -> str:
-    """A stream's name in logs, headers and events. It grants nothing, so it comes from the
-    process's PRNG (seeded anew in every process, forked or not) rather than a system call for
-    ``secrets``: 96 bits keep names from colliding."""
-    return f"st_{random.getrandbits(96):024x}"
-
-
-# text/plain is what fetch() sends for a string body when no Content-Type is set — as the
-# original design's client does — so it is read as JSON too; forms, XML and the like are not.
-JSON_MEDIA_TYPES = frozenset({"application/json", "text/plain", ""})
-
-
-async def read_json_body(request: Request, limit: int) -> bytes:
-    """The request body, refused early when it is not JSON or larger than ``limit``."""
-    content_type = request.headers.get("content-type", "")
-    media = content_type.partition(";")[0].strip().lower()
-    if media not in JSON_MEDIA_TYPES and not media.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"send the body as JSON with 'Content-Type: application/json' (got {content_type or 'none'!r})"
-        )
-    too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)

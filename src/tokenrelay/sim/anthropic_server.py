@@ -1,5 +1,5 @@
 """The simulator speaking Anthropic's Messages API (``POST /v1/messages`` of ``tokenrelay
-sim``), so tokenrelay's Anthropic upstream is tested against a real server over loopback.
+sim``, served by ``openai_server``), so tokenrelay's Anthropic upstream is tested against a real server over loopback.
 
 Same answers, options and faults as the OpenAI-compatible face (options ride in the model
 name); the stream is Anthropic's event sequence (https://docs.anthropic.com/en/api/messages-streaming):
@@ -11,14 +11,20 @@ the real API it refuses a request without ``x-api-key`` or ``anthropic-version``
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
-import anyio
 import orjson
 
-from .errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
-from .providers.base import Delta
-from .schemas import ChatRequest, chat_from_openai
+from ..errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
+from ..providers.base import Delta
+from ..schemas import ChatRequest, chat_from_openai
+from ..streaming.openai_chunks import Completion
+from ..streaming.response import Body
+from .provider import prompt_tokens
+
+if TYPE_CHECKING:
+    from .openai_server import SimAnswer
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -111,64 +117,48 @@ class MessagesStream:
         return out
 
 
-async def stream_messages(completion: Any, send: Any) -> bool:
-    """The body of ``sim_server._Completion`` for an Anthropic request: True when complete."""
-    deltas = await completion._open(send)
-    if deltas is None:
-        return False
-    from .providers.simulator import prompt_tokens
-
-    enc = MessagesStream(id="msg_" + completion.id.removeprefix("chatcmpl-"), model=completion.model,
-                         input_tokens=prompt_tokens(completion.chat))
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-    await send({"type": "http.response.body", "body": enc.start(), "more_body": True})
+async def stream_messages(answer: SimAnswer, deltas: AsyncIterator[Delta]) -> Body:
+    """The body of a streamed Messages answer (``openai_server.SimAnswer``)."""
+    enc = MessagesStream(id="msg_" + answer.id.removeprefix("chatcmpl-"), model=answer.model,
+                         input_tokens=prompt_tokens(answer.chat))
+    answer.headers.append((b"content-type", b"text/event-stream"))
     try:
+        yield enc.start()
         async for delta in deltas:
             body = enc.delta(delta)
             if body:
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                yield body
     except UpstreamProtocolError:
-        await send({"type": "http.response.body", "body": b'event: content_block_delta\ndata: {"type": \n\n'})
-        return False
+        yield b'event: content_block_delta\ndata: {"type": \n\n'
+        return
     except UpstreamError as exc:
-        await send({"type": "http.response.body", "body": b"event: error\ndata: " + error_body(exc, 500) + b"\n\n"})
-        return False
+        yield b"event: error\ndata: " + error_body(exc, 500) + b"\n\n"
+        return
     finally:
-        with anyio.CancelScope(shield=True):
-            await deltas.aclose()
-    await send({"type": "http.response.body", "body": b""})
-    return True
+        await deltas.aclose()  # type: ignore[attr-defined]
+    answer.complete = True
 
 
-async def whole_message(completion: Any, send: Any) -> bool:
+async def whole_message(answer: SimAnswer, deltas: AsyncIterator[Delta]) -> Body:
     """A non-streamed Messages answer."""
-    from .providers.simulator import prompt_tokens
-    from .streaming.openai_chunks import Completion
-
-    deltas = await completion._open(send)
-    if deltas is None:
-        return False
-    answer = Completion()
+    whole = Completion()
     try:
         async for delta in deltas:
-            answer.add(delta)
-    except UpstreamError as exc:
-        await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": error_body(exc, 500)})
-        return False
-    content: list[dict[str, Any]] = [{"type": "text", "text": "".join(answer.parts)}] if answer.parts else []
-    for i in sorted(answer.calls):
-        call = answer.calls[i]
+            whole.add(delta)
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+    content: list[dict[str, Any]] = [{"type": "text", "text": "".join(whole.parts)}] if whole.parts else []
+    for i in sorted(whole.calls):
+        call = whole.calls[i]
         content.append({"type": "tool_use", "id": "toolu_" + str(call["id"]).removeprefix("call_"),
                         "name": call["function"]["name"], "input": orjson.loads(call["function"]["arguments"])})
     body = orjson.dumps({
-        "id": "msg_" + completion.id.removeprefix("chatcmpl-"), "type": "message", "role": "assistant",
-        "content": content, "model": completion.model,
-        "stop_reason": STOP_REASONS.get(answer.finish_reason or "stop", "end_turn"), "stop_sequence": None,
-        "usage": {"input_tokens": prompt_tokens(completion.chat),
-                  "output_tokens": answer.usage.completion_tokens if answer.usage else 0},
+        "id": "msg_" + answer.id.removeprefix("chatcmpl-"), "type": "message", "role": "assistant",
+        "content": content, "model": answer.model,
+        "stop_reason": STOP_REASONS.get(whole.finish_reason or "stop", "end_turn"), "stop_sequence": None,
+        "usage": {"input_tokens": prompt_tokens(answer.chat),
+                  "output_tokens": whole.usage.completion_tokens if whole.usage else 0},
     })
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
-    return True
+    answer.headers.append((b"content-type", b"application/json"))
+    yield body
+    answer.complete = True

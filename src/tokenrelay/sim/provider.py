@@ -4,7 +4,8 @@ It implements the same Provider protocol as the OpenAI-compatible provider, so
 ``tokenrelay serve`` with no upstream runs on it in-process, and ``tokenrelay sim`` serves it
 over HTTP for tests, demos and the benchmark.
 
-Per-request options ride in the model name, so they pass through any client and relay::
+Per-request options ride in the model name (``options``), so they pass through any client
+and relay::
 
     sim                          the defaults
     sim:echo                     repeat the last user message
@@ -25,16 +26,14 @@ import random
 import re
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
-from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
-from ..schemas import ChatRequest
-from .base import Delta, ToolCallDelta, Usage, error_for_status
-
-FAULTS = ("error-before", "error-mid", "stall", "malformed")
+from ..errors import UpstreamError, UpstreamProtocolError
+from ..providers.base import Delta, OpenAIRequest, ToolCallDelta, Usage, error_for_status
+from ..schemas import ChatRequest, chat_from_openai
+from .options import MODELS, SimOptions
 
 # Sentences of an ordinary answer, with 2-, 3- and 4-byte UTF-8 characters among them so
 # every client on the path meets characters that a chunk boundary could split.
@@ -51,46 +50,6 @@ _SENTENCES = (
     "Ω, ✓ and déjà vu are here to test the decoder too.",
 )
 _WORDS = re.compile(r"\s*\S+|\s+")
-
-
-@dataclass(frozen=True, slots=True)
-class SimOptions:
-    ttft: float = 0.25
-    tps: float = 40.0
-    tokens: int = 80
-    seed: int = 0
-    echo: bool = False
-    fault: str | None = None
-    at: int | None = None
-    stall: float = 30.0
-    tools: int = 0
-
-    def with_model(self, model: str) -> SimOptions:
-        """Apply the options written in a model name such as ``sim:echo,tps=10``."""
-        _, _, spec = model.partition(":")
-        if not spec:
-            return self
-        changes: dict[str, object] = {}
-        for item in re.split(r"[,;]", spec):
-            key, eq, value = item.strip().partition("=")
-            try:
-                if key == "echo" and not eq:
-                    changes["echo"] = True
-                elif key == "tools":
-                    changes["tools"] = int(value) if eq else 1
-                elif key in ("ttft", "tps", "stall"):
-                    changes[key] = float(value)
-                elif key in ("tokens", "seed", "at"):
-                    changes[key] = int(value)
-                elif key == "fault" and (value in FAULTS or re.fullmatch(r"http-\d{3}", value)):
-                    changes["fault"] = value
-                else:
-                    raise ValueError
-            except ValueError:
-                raise ValidationFailed(
-                    f"model: unknown simulator option {item!r} in {model!r} (see 'tokenrelay sim --help')"
-                ) from None
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 def answer_tokens(request: ChatRequest, options: SimOptions) -> list[str]:
@@ -208,6 +167,15 @@ class Simulator:
                 yield Delta(tool_calls=(ToolCallDelta(index, arguments[start:start + _FRAGMENT]),))
         prompt = prompt_tokens(request)
         yield Delta(finish_reason="tool_calls", usage=Usage(prompt, fragments, prompt + fragments))
+
+    async def open_openai(self, request: OpenAIRequest, *, model: str) -> AsyncIterator[Delta]:
+        return await self.open(chat_from_openai(request.body), model=model)
+
+    async def models(self) -> list[str]:
+        return list(MODELS)
+
+    async def check_ready(self, *, timeout: float) -> str | None:
+        return None  # in-process: ready whenever tokenrelay is
 
     async def aclose(self) -> None:
         return None
