@@ -176,3 +176,5 @@ def test_a_weak_webhook_secret_is_refused(monkeypatch: pytest.MonkeyPatch, secre
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(SettingsError, match="not found"):
         load_settings(tmp_path / "nope.toml")
+    with pytest.raises(SettingsError, match="is not a file"):
+        load_settings(tmp_path)

@@ -64,7 +64,7 @@ def _setting_option(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
                         help=f"{field.description}  [default: {default_text(field)}]", **kwargs)
 
 
-CONFIG_HELP = "A TOML file of settings (the names below, lower case without TOKENRELAY_)."
+CONFIG_HELP = "A TOML file of settings: each TOKENRELAY_* name in lower case, without the prefix."
 _DESCRIPTION_WIDTH = 70
 
 
@@ -376,7 +376,8 @@ def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=CONFIG_HELP)
 @click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="Jobs this worker runs at once.  [default: TOKENRELAY_JOB_CONCURRENCY, 16]")
+              help="Jobs this worker runs at once.  [default: TOKENRELAY_JOB_CONCURRENCY, "
+                   f"{default_text(Settings.model_fields['job_concurrency'])}]")
 @_setting_option("log_level", "--log-level")
 def worker(config: Path | None, concurrency: int | None, log_level: str | None) -> None:
     """Run jobs from the Redis queue; start as many as you like, on any machine.

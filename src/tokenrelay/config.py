@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     keepalive_timeout: int = Field(
         default=5, gt=0,
         description="Seconds an idle client connection stays open. Behind a load balancer that reuses "
-                    "connections (AWS ALB: 60 s), make it longer than the balancer's idle timeout.",
+                    "connections (AWS ALB: 60 s), make it longer than the balancer's idle timeout (docs/deploy.md).",
     )
 
     # --- model routing and retries ---
@@ -183,7 +183,8 @@ class Settings(BaseSettings):
     # --- jobs and webhooks ---
     data_dir: Path = Field(
         default_factory=lambda: default_data_dir(),
-        description="Where jobs and pending webhooks are kept (SQLite); $XDG_DATA_HOME/tokenrelay.",
+        description="Where jobs and pending webhooks are kept (SQLite): tokenrelay under $XDG_DATA_HOME "
+                    "(~/.local/share).",
     )
     redis_url: str | None = Field(
         default=None,
@@ -416,8 +417,12 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
 
 def _read_toml(path: Path) -> TomlConfigSettingsSource:
-    if not path.exists():
+    # The TOML source skips what is not a file without a word; a --config that names
+    # nothing must not start the service on its defaults.
+    if not path.expanduser().exists():
         raise SettingsError(f"config file not found: {path}")
+    if not path.expanduser().is_file():
+        raise SettingsError(f"config file {path} is not a file")
     try:
         return TomlConfigSettingsSource(Settings, toml_file=path)
     except tomllib.TOMLDecodeError as exc:
