@@ -55,6 +55,7 @@ def test_label_hides_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         ("port = ", ["not valid TOML"]),
         ("log_level = 'loud'", ["tokenrelay.toml, log_level:", "must be one of"]),
         ("[[routes]]\npattern = 'x'\nkind = 'bedrock'\nurl = 'http://h/v1'", ["tokenrelay.toml, routes.0.kind:"]),
+        ('upstream_key = "sk-x\\n"', ["tokenrelay.toml, upstream_key: the value ends with a newline"]),
     ],
 )
 def test_bad_file_names_the_file_and_key(tmp_path, contents: str, words: list[str]) -> None:

@@ -439,7 +439,7 @@ def _problem(err: Any, given: Mapping[str, Any], toml: TomlConfigSettingsSource 
     setting = key if key in Settings.model_fields else next(
         (name for name in Settings.model_fields if key.upper() in env_names(name)), key)
     message = str(err["msg"]).removeprefix("Value error, ")
-    nested = ".".join(loc)  # routes.0.kind: which entry
+    nested = ".".join([setting, *loc[1:]])  # routes.0.kind: which entry
     if err["type"] == "extra_forbidden":
         close = _closest(setting, list(Settings.model_fields))
         message = "unknown setting" + (f"; did you mean {close}?" if close else "")
