@@ -89,12 +89,82 @@ def test_serve_refuses_a_bad_setting_naming_it() -> None:
     assert "TOKENRELAY_HEARTBEAT_INTERVAL" in result.stderr
 
 
-def test_serve_refuses_a_bad_config_file(tmp_path) -> None:
+def test_serve_refuses_a_bad_config_file_naming_the_file_and_key(tmp_path) -> None:
     config = tmp_path / "tokenrelay.toml"
     config.write_text('upstream_url = "ftp://example"\n')
     result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
     assert result.exit_code == 1
-    assert "TOKENRELAY_UPSTREAM_URL" in result.stderr and "http(s) URL" in result.stderr
+    assert f"Error: config file {config}, upstream_url: must be an http(s) URL" in result.stderr
+    assert "TOKENRELAY_UPSTREAM_URL" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "99999"], "Invalid value for '--port': Input should be less than or equal to 65535"),
+    (["--log-level", "loud"], "Invalid value for '--log-level': must be one of critical, error"),
+])
+def test_serve_refuses_a_bad_flag_naming_the_flag(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, ["serve", *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "TOKENRELAY_" not in result.stderr and "Value error" not in result.stderr
+
+
+def test_serve_refuses_an_upstream_key_with_a_trailing_newline_without_showing_it() -> None:
+    # As a key read from a Kubernetes secret file arrives: every upstream request would fail.
+    result = CliRunner().invoke(cli, ["serve"], env={"TOKENRELAY_UPSTREAM_URL": "https://api.example.com/v1",
+                                                     "OPENAI_API_KEY": "sk-secret-1234\n"})
+    assert result.exit_code == 1
+    assert "invalid setting OPENAI_API_KEY: the value ends with a newline" in result.stderr
+    assert "sk-secret" not in result.output + result.stderr
+
+
+def test_a_weak_webhook_secret_is_refused_and_webhooks_secret_makes_a_good_one(monkeypatch) -> None:
+    from tokenrelay.config import load_settings
+
+    weak = CliRunner().invoke(cli, ["worker"], env={"TOKENRELAY_WEBHOOK_SECRET": "whsec_abc"})
+    assert weak.exit_code == 1
+    assert "invalid setting TOKENRELAY_WEBHOOK_SECRET: holds 2 bytes" in weak.stderr
+    assert "tokenrelay webhooks secret" in weak.stderr
+    made = [CliRunner().invoke(cli, ["webhooks", "secret"]) for _ in range(2)]
+    assert [result.exit_code for result in made] == [0, 0]
+    first, second = (result.stdout.strip() for result in made)
+    assert first.startswith("whsec_") and first != second
+    monkeypatch.setenv("TOKENRELAY_WEBHOOK_SECRET", first)
+    assert load_settings().webhook_secret.get_secret_value() == first
+
+
+def test_an_unknown_variable_is_a_warning_naming_the_closest_setting(start_relay) -> None:
+    relay = start_relay(upstream=None, TOKENRELAY_UPSTREM_URL="http://127.0.0.1:9/v1",
+                        # read by other commands and by serve's worker processes: no warning
+                        TOKENRELAY_URL="http://127.0.0.1:8000", TOKENRELAY_API_KEY="tr-key",
+                        TOKENRELAY_CONFIG_FILE="", TOKENRELAY_SERVE_PROCESSES="1")
+    log = relay.log()
+    assert ("warning: TOKENRELAY_UPSTREM_URL is not a tokenrelay setting and is ignored; "
+            "did you mean TOKENRELAY_UPSTREAM_URL?") in log
+    assert log.count("warning:") == 1
+    assert "(upstream: simulator)" in log
+
+
+def test_worker_warns_about_unknown_variables_too() -> None:
+    result = CliRunner().invoke(cli, ["worker"], env={"TOKENRELAY_REDIS_ULR": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 1
+    assert "did you mean TOKENRELAY_REDIS_URL?" in result.stderr
+    assert "set TOKENRELAY_REDIS_URL" in result.stderr
+
+
+def test_serve_help_lists_every_setting_as_config_describes_it() -> None:
+    from tokenrelay.config import settings_help
+
+    text = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
+    flat = " ".join(text.split())
+    for title, entries in settings_help():
+        assert f"{title}:" in text
+        for entry in entries:
+            assert f"{' or '.join(entry.env)} [default: {entry.default}] {entry.description}" in flat
+    assert "TOKENRELAY_UPSTREAM_KEY or OPENAI_API_KEY [default: unset]" in flat
+    assert "TOKENRELAY_PORT [default: 8000] Port to listen on." in flat
+    # The flags that override settings take their help from them too.
+    assert "--log-json Write logs as JSON lines. [default: false]" in flat
 
 
 def test_help_explains_every_command() -> None:

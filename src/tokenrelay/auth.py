@@ -14,24 +14,18 @@ matched nor how much of a key was right shows in the response time.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+# Parsing lives in .keys, which config also uses to refuse bad keys at start-up; these names
+# stay importable from here.
+from .keys import ApiKey, key_id, parse_keys, read_keys_file
 
 if TYPE_CHECKING:
     from .config import Settings
 
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    secret: bytes
-    name: str
-
-    def __repr__(self) -> str:  # never print the secret, not even in a traceback
-        return f"ApiKey(name={self.name!r})"
+__all__ = ["ApiKey", "KeyRing", "bearer_token", "key_id", "load_keys", "parse_keys", "read_keys_file"]
 
 
 class KeyRing:
@@ -55,10 +49,6 @@ class KeyRing:
         return found
 
 
-def key_id(secret: bytes) -> str:
-    return "key-" + hashlib.sha256(secret).hexdigest()[:8]
-
-
 def bearer_token(header: bytes | None) -> bytes | None:
     """The token of an ``Authorization: Bearer TOKEN`` header (RFC 6750 §2.1)."""
     if not header:
@@ -68,41 +58,6 @@ def bearer_token(header: bytes | None) -> bytes | None:
         return None
     token = token.strip()
     return token or None
-
-
-def _check(secret: str, where: str) -> bytes:
-    if not secret.isascii() or not secret.isprintable() or any(c.isspace() or c == "," for c in secret):
-        raise ValueError(f"{where}: a key must be printable ASCII without spaces or commas")
-    return secret.encode()
-
-
-def read_keys_file(path: Path) -> list[ApiKey]:
-    """The keys in ``path``; a missing file or a malformed line is an error naming the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    keys = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        secret, _, name = line.partition(" ")
-        raw = _check(secret, f"{path} line {number}")
-        keys.append(ApiKey(raw, name.strip() or key_id(raw)))
-    return keys
-
-
-def parse_keys(text: str) -> list[ApiKey]:
-    """The keys of ``TOKENRELAY_API_KEYS``: comma-separated, named by their hash."""
-    keys = []
-    for secret in text.split(","):
-        if secret.strip():
-            raw = _check(secret.strip(), "TOKENRELAY_API_KEYS")
-            keys.append(ApiKey(raw, key_id(raw)))
-    return keys
 
 
 def load_keys(settings: Settings) -> KeyRing:

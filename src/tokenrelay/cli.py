@@ -19,16 +19,19 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import orjson
 
-from .config import Settings, SettingsError, load_settings
+from .config import Settings, SettingsError, default_text, load_settings, settings_help, unknown_env
 from .doctor import PROXIES
 from .logs import setup_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(help=__doc__)
@@ -38,81 +41,72 @@ def cli() -> None:
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
+    """The settings for a command whose flags are named after the settings they override
+    (``port`` is ``--port``); a bad flag is a usage error naming it."""
+    for warning in unknown_env():
+        click.echo(f"warning: {warning}", err=True)
     try:
         return load_settings(config, **overrides)
     except SettingsError as exc:
+        flagged = [problem for problem in exc.problems if problem.source == "flag"]
+        if flagged:
+            ctx = click.get_current_context()
+            param = next((p for p in ctx.command.params if p.name == flagged[0].setting), None)
+            raise click.BadParameter(flagged[0].message, ctx=ctx, param=param,
+                                     param_hint=None if param else flagged[0].where) from None
         raise click.ClickException(str(exc)) from None
 
 
-@cli.command()
-@click.option("--host", default=None, help="Address to listen on.  [default: 127.0.0.1]")
-@click.option("--port", type=int, default=None, help="Port to listen on.  [default: 8000]")
+def _setting_option(name: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
+    """A flag overriding a setting, described by the setting itself."""
+    field = Settings.model_fields[name]
+    return click.option(*decls, name, default=None,
+                        help=f"{field.description}  [default: {default_text(field)}]", **kwargs)
+
+
+CONFIG_HELP = "A TOML file of settings: each TOKENRELAY_* name in lower case, without the prefix."
+_DESCRIPTION_WIDTH = 70
+
+
+def _serve_help() -> str:
+    """serve's help: what it does, then every setting as config.py describes it."""
+    parts = [
+        "Serve the streaming API and the chat page.",
+        "Settings come from flags, then TOKENRELAY_* environment variables, then the --config file, "
+        "whose keys are the same names in lower case without TOKENRELAY_ (upstream_url = \"…\").",
+    ]
+    for title, entries in settings_help():
+        lines = ["\b", f"{title}:"]
+        for entry in entries:
+            lines.append(f"  {' or '.join(entry.env)}  [default: {entry.default}]")
+            lines.extend(textwrap.wrap(entry.description, _DESCRIPTION_WIDTH, initial_indent=" " * 6,
+                                       subsequent_indent=" " * 6, break_on_hyphens=False))
+        parts.append("\n".join(lines))
+    parts.append(_SERVE_ROUTES)
+    return "\n\n".join(parts)
+
+
+_SERVE_ROUTES = """\
+\b
+Routes: GET / (chat page), POST /api/get-response (text, SSE with
+'Accept: text/event-stream', or JSON with "stream": false), GET /api/info,
+POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, for the OpenAI SDKs),
+GET /api/probe (timed ticks for `tokenrelay doctor`), GET /healthz (alive),
+GET /readyz (upstream answers), GET /metrics (Prometheus),
+POST /api/jobs, GET|DELETE /api/jobs/{id}, GET /api/jobs/{id}/stream."""
+
+
+@cli.command(help=_serve_help())
+@_setting_option("host", "--host")
+@_setting_option("port", "--port", type=int)
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A TOML file of settings (same names as the TOKENRELAY_* variables, lower case).")
-@click.option("--log-level", default=None, help="critical, error, warning, info or debug.  [default: info]")
-@click.option("--log-json", is_flag=True, default=None, help="Write logs as JSON lines.")
+              help=CONFIG_HELP)
+@_setting_option("log_level", "--log-level")
+@_setting_option("log_json", "--log-json", is_flag=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Server processes sharing the port (one event loop each); more than one uses more cores.")
 def serve(host: str | None, port: int | None, config: Path | None, log_level: str | None,
           log_json: bool | None, workers: int) -> None:
-    """Serve the streaming API and the chat page.
-
-    \b
-    Settings come from flags, then TOKENRELAY_* environment variables, then --config:
-      TOKENRELAY_UPSTREAM_URL   OpenAI-compatible base URL (OpenAI, vLLM, Ollama, llama.cpp,
-                                LM Studio…); unset: the built-in simulator
-      TOKENRELAY_UPSTREAM_KEY   its API key (falls back to OPENAI_API_KEY); stays on the server
-      TOKENRELAY_MODEL          model used when a request names none
-      TOKENRELAY_HEARTBEAT_INTERVAL  seconds of silence before an SSE ': ping' (15)
-      TOKENRELAY_MAX_BODY_BYTES      request body limit (1048576)
-      TOKENRELAY_KEEPALIVE_TIMEOUT   seconds an idle connection stays open (5); behind a load
-                                balancer, longer than its idle timeout (docs/deploy.md)
-      TOKENRELAY_CONNECT_TIMEOUT / TOKENRELAY_READ_TIMEOUT  upstream timeouts in seconds
-      TOKENRELAY_POOL_SIZE      upstream connections open at most (1000)
-      TOKENRELAY_SPARE_CONNECTION  keep one spare upstream connection open per host, so a new
-                                stream skips the handshakes when all are busy (true)
-      TOKENRELAY_SIM_TTFT / _SIM_TPS / _SIM_TOKENS / _SIM_SEED  the simulator's pacing
-      TOKENRELAY_LOG_JSON / TOKENRELAY_LOG_PROMPTS  JSON log lines / log each request's prompt
-    Jobs (docs/jobs.md):
-      TOKENRELAY_DATA_DIR       where jobs are kept (SQLite; ~/.local/share/tokenrelay)
-      TOKENRELAY_REDIS_URL      keep jobs in Redis instead, run here and by 'tokenrelay worker'
-      TOKENRELAY_JOBS_IN_SERVE  false: leave Redis-queued jobs to 'tokenrelay worker' (true)
-      TOKENRELAY_JOB_CONCURRENCY / TOKENRELAY_JOB_HEARTBEAT  jobs at once (16) / worker heartbeat (10 s)
-      TOKENRELAY_WEBHOOK_SECRET  Standard Webhooks signing secret (whsec_…)
-      TOKENRELAY_WEBHOOK_TIMEOUT / _MAX_ATTEMPTS / _BACKOFF / _BACKOFF_MAX  delivery (10 s, 8, 2 s, 900 s)
-      TOKENRELAY_WEBHOOK_ALLOW_PRIVATE  deliver to private/loopback addresses too (false)
-
-    \b
-    Model routing and retries (docs/openai-relay.md):
-      TOKENRELAY_ROUTES         models → upstreams, first match wins, as JSON (or [[routes]]
-                                in --config): [{"pattern":"gpt-*","url":"https://api.openai.com/v1",
-                                "key_env":"OPENAI_API_KEY"},{"pattern":"claude-*","kind":"anthropic",
-                                "url":"https://api.anthropic.com/v1","key_env":"ANTHROPIC_API_KEY"}];
-                                per route also name, models, connect_timeout, read_timeout, fallback;
-                                kind is openai (default), anthropic or simulator
-      TOKENRELAY_RETRIES        retries per upstream on connection errors, 429, 5xx (2)
-      TOKENRELAY_RETRY_BACKOFF  first retry delay in seconds, doubling (0.25)
-      TOKENRELAY_RETRY_BUDGET   most seconds spent waiting to retry, per request (5)
-
-    \b
-    Client keys, limits and CORS (docs/auth-and-limits.md):
-      TOKENRELAY_API_KEYS       client keys, comma-separated: /api/* and /v1/* then need
-                                'Authorization: Bearer KEY' (401 otherwise)
-      TOKENRELAY_API_KEYS_FILE  a file of keys, one per line: 'KEY' or 'KEY NAME' (# comments)
-      TOKENRELAY_MAX_CONCURRENT_STREAMS_PER_KEY  requests open at once per key (0: no limit)
-      TOKENRELAY_REQUESTS_PER_MINUTE_PER_KEY     requests per minute per key (0: no limit);
-                                without keys, both limits count per client address (429)
-      TOKENRELAY_REDIS_URL      redis://host:port/db: limits shared by several processes
-      TOKENRELAY_CORS_ORIGINS   origins browsers may call the API from, comma-separated
-
-    \b
-    Routes: GET / (chat page), POST /api/get-response (text, SSE with
-    'Accept: text/event-stream', or JSON with "stream": false), GET /api/info,
-    POST /v1/chat/completions and GET /v1/models (OpenAI-compatible, for the OpenAI SDKs),
-    GET /api/probe (timed ticks for `tokenrelay doctor`), GET /healthz (alive),
-    GET /readyz (upstream answers), GET /metrics (Prometheus),
-    POST /api/jobs, GET|DELETE /api/jobs/{id}, GET /api/jobs/{id}/stream.
-    """
     import uvicorn
 
     from .app import create_app
@@ -380,10 +374,11 @@ def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose
 
 @cli.command()
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A TOML file of settings (same names as the TOKENRELAY_* variables, lower case).")
+              help=CONFIG_HELP)
 @click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="Jobs this worker runs at once.  [default: TOKENRELAY_JOB_CONCURRENCY, 16]")
-@click.option("--log-level", default=None, help="critical, error, warning, info or debug.  [default: info]")
+              help="Jobs this worker runs at once.  [default: TOKENRELAY_JOB_CONCURRENCY, "
+                   f"{default_text(Settings.model_fields['job_concurrency'])}]")
+@_setting_option("log_level", "--log-level")
 def worker(config: Path | None, concurrency: int | None, log_level: str | None) -> None:
     """Run jobs from the Redis queue; start as many as you like, on any machine.
 
@@ -456,3 +451,20 @@ def listen(host: str, port: int, secret: str | None, fail_first: int) -> None:
     click.echo(f"listening for webhooks on http://{host}:{port}/", err=True)
     uvicorn.Server(uvicorn.Config(create_listen_app(receiver), host=host, port=port, log_config=None,
                                   log_level="warning")).run()
+
+
+@webhooks.command("secret")
+def new_secret() -> None:
+    """Print a new signing secret for TOKENRELAY_WEBHOOK_SECRET: 'whsec_' and the base64 of
+    32 random bytes. Give the same secret to the receivers, which check signatures with it.
+
+    \b
+      export TOKENRELAY_WEBHOOK_SECRET=$(tokenrelay webhooks secret)
+    """
+    import base64
+    import secrets
+
+    from .config import WEBHOOK_SECRET_BYTES
+
+    low, high = WEBHOOK_SECRET_BYTES
+    click.echo("whsec_" + base64.b64encode(secrets.token_bytes(min(max(32, low), high))).decode())

@@ -1,32 +1,77 @@
 """Settings: one object, read once at start-up and passed down.
 
-Sources, strongest first: explicit overrides (command-line flags), environment variables
-(``TOKENRELAY_*``; the upstream key also falls back to ``OPENAI_API_KEY``), an optional TOML
-file (``--config``), then the defaults below. A bad value stops start-up with a message that
-names the setting.
+Sources, strongest first: explicit overrides (command-line flags, named after the setting:
+``port`` is ``--port``), environment variables (``TOKENRELAY_*``; the upstream key also falls
+back to ``OPENAI_API_KEY``), an optional TOML file (``--config``), then the defaults below.
+A bad value stops start-up with a message that names the flag, the variable or the file's
+key it came from.
+
+Each setting is described once, in its ``Field(description=...)``: ``tokenrelay serve --help``
+is generated from those, grouped by ``SECTIONS``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import difflib
 import os
+import re
 import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    TomlConfigSettingsSource,
 )
 
+from .keys import parse_keys, read_keys_file, secret_flaw
+
 ENV_PREFIX = "TOKENRELAY_"
+
+# Variables tokenrelay reads that are not settings, so that they do not draw the
+# "not a setting" warning: the config file and process count handed to 'serve --workers'
+# processes (app.CONFIG_FILE_ENV, app.SERVE_PROCESSES_ENV), and the service's URL and client
+# key used by 'ask' and 'doctor'.
+OTHER_ENV = frozenset({"TOKENRELAY_CONFIG_FILE", "TOKENRELAY_SERVE_PROCESSES", "TOKENRELAY_URL", "TOKENRELAY_API_KEY"})
+
+# Standard Webhooks secrets are 24 to 64 random bytes.
+WEBHOOK_SECRET_BYTES = (24, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One bad value, and where it came from: a flag, an environment variable or a file's key."""
+
+    setting: str
+    source: Literal["flag", "env", "file"]
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.source == "flag":
+            return f"invalid value for {self.where}: {self.message}"
+        if self.source == "file":
+            return f"{self.where}: {self.message}"
+        return f"invalid setting {self.where}: {self.message}"
 
 
 class SettingsError(ValueError):
     """A setting has a bad value; the message names it."""
+
+    def __init__(self, message: str, problems: tuple[Problem, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 class UpstreamRoute(BaseModel):
@@ -54,6 +99,20 @@ class UpstreamRoute(BaseModel):
         return self.name or self.pattern
 
 
+# The headings of 'serve --help', each at the first setting of its group: a setting added
+# after another joins that one's group.
+SECTIONS: dict[str, str] = {
+    "upstream_url": "Where the answers come from",
+    "host": "Serving",
+    "routes": "Model routing and retries (docs/openai-relay.md)",
+    "connect_timeout": "The upstream connections",
+    "sim_ttft": "The built-in simulator",
+    "data_dir": "Jobs and webhooks (docs/jobs.md)",
+    "api_keys": "Client keys, limits, CORS (docs/auth-and-limits.md)",
+    "log_level": "Logs",
+}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True, frozen=True
@@ -62,11 +121,13 @@ class Settings(BaseSettings):
     # --- where the answers come from ---
     upstream_url: str | None = Field(
         default=None,
-        description="Base URL of an OpenAI-compatible API (…/v1). Unset: the built-in simulator.",
+        description="Base URL of an OpenAI-compatible API (…/v1): OpenAI, vLLM, Ollama, llama.cpp, "
+                    "LM Studio… Unset: the built-in simulator.",
     )
     upstream_key: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices("upstream_key", "TOKENRELAY_UPSTREAM_KEY", "OPENAI_API_KEY"),
+        # By name (populate_by_name) from flags and the file; from the environment only these two.
+        validation_alias=AliasChoices("TOKENRELAY_UPSTREAM_KEY", "OPENAI_API_KEY"),
         description="API key sent to the upstream. Never sent to clients, never logged.",
     )
     model: str | None = Field(
@@ -74,9 +135,9 @@ class Settings(BaseSettings):
     )
 
     # --- serving ---
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on.")
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Largest request body accepted, in bytes.")
     heartbeat_interval: float = Field(
         default=15.0, gt=0, description="Seconds of silence before an SSE ': ping' comment."
     )
@@ -88,22 +149,28 @@ class Settings(BaseSettings):
     keepalive_timeout: int = Field(
         default=5, gt=0,
         description="Seconds an idle client connection stays open. Behind a load balancer that reuses "
-                    "connections (AWS ALB: 60 s), make it longer than the balancer's idle timeout.",
+                    "connections (AWS ALB: 60 s), make it longer than the balancer's idle timeout (docs/deploy.md).",
     )
 
     # --- model routing and retries ---
     routes: list[UpstreamRoute] = Field(
         default_factory=list,
-        description="Models → upstreams, first match wins ([[routes]] in TOML, JSON in the environment).",
+        description="Models → upstreams, first match wins: [[routes]] in the TOML file, JSON in the "
+                    'environment, e.g. [{"pattern": "claude-*", "kind": "anthropic", "url": '
+                    '"https://api.anthropic.com/v1", "key_env": "ANTHROPIC_API_KEY"}]; kind is openai '
+                    "(the default), anthropic or simulator.",
     )
-    retries: int = Field(default=2, ge=0, le=10, description="Retries per upstream before the first byte.")
+    retries: int = Field(
+        default=2, ge=0, le=10,
+        description="Retries per upstream on connection errors, 429 and 5xx, before the first byte.",
+    )
     retry_backoff: float = Field(default=0.25, ge=0, description="First retry delay (s); doubles each time.")
     retry_budget: float = Field(default=5.0, ge=0, description="Most seconds spent waiting to retry, per request.")
 
-    # --- upstream timeouts (seconds) ---
-    connect_timeout: float = Field(default=10.0, gt=0)
+    # --- the upstream connections ---
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to connect to the upstream.")
     read_timeout: float = Field(
-        default=120.0, gt=0, description="Longest silence from the upstream, before its first byte too."
+        default=120.0, gt=0, description="Longest silence from the upstream (s), before its first byte too."
     )
     pool_size: int = Field(default=1000, gt=0, description="Upstream connections kept open at most.")
     spare_connection: bool = Field(
@@ -118,15 +185,16 @@ class Settings(BaseSettings):
     sim_tokens: int = Field(default=80, ge=0, description="Simulated answer length in tokens.")
     sim_seed: int = Field(default=0, description="Seed; the same seed gives the same answer.")
 
-    # --- jobs and webhooks (docs/jobs.md) ---
+    # --- jobs and webhooks ---
     data_dir: Path = Field(
         default_factory=lambda: default_data_dir(),
-        description="Where jobs and pending webhooks are kept (SQLite). Default: $XDG_DATA_HOME/tokenrelay.",
+        description="Where jobs and pending webhooks are kept (SQLite): tokenrelay under $XDG_DATA_HOME "
+                    "(~/.local/share).",
     )
     redis_url: str | None = Field(
         default=None,
-        description="Redis shared by several tokenrelay processes: the jobs' task queue (run by "
-        "'tokenrelay worker') and the per-key limits.",
+        description="Redis shared by several tokenrelay processes (redis://host:6379/0): the jobs' task "
+                    "queue (run by 'tokenrelay worker') and the per-key limits.",
     )
     job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
     jobs_in_serve: bool = Field(
@@ -137,7 +205,9 @@ class Settings(BaseSettings):
         default=10, gt=0, description="Seconds without a worker's heartbeat before its job is run again."
     )
     webhook_secret: SecretStr | None = Field(
-        default=None, description="Standard Webhooks signing secret (whsec_…); required for jobs with a webhook_url."
+        default=None,
+        description="Standard Webhooks signing secret, 'whsec_' and base64 of 24 to 64 random bytes "
+                    "('tokenrelay webhooks secret' makes one); required for jobs with a webhook_url.",
     )
     webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one delivery attempt may take.")
     webhook_max_attempts: int = Field(default=8, gt=0, description="Delivery attempts before a webhook fails.")
@@ -147,7 +217,7 @@ class Settings(BaseSettings):
         default=False, description="Deliver to private, loopback and link-local addresses too."
     )
 
-    # --- client keys, limits, CORS (docs/auth-and-limits.md) ---
+    # --- client keys, limits, CORS ---
     api_keys: SecretStr | None = Field(
         default=None,
         description="Client keys, comma-separated; when set, /api/* and /v1/* need 'Authorization: Bearer KEY'.",
@@ -167,14 +237,21 @@ class Settings(BaseSettings):
     )
 
     # --- logs ---
-    log_level: str = "info"
-    log_json: bool = False
-    log_prompts: bool = False
+    log_level: str = Field(default="info", description="critical, error, warning, info or debug.")
+    log_json: bool = Field(default=False, description="Write logs as JSON lines.")
+    log_prompts: bool = Field(default=False, description="Log each request's last user message.")
 
     @field_validator("upstream_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         return _http_url(value)
+
+    @field_validator("upstream_key")
+    @classmethod
+    def _check_upstream_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and (flaw := secret_flaw(value.get_secret_value())):
+            raise ValueError(f"{flaw} (the key is not shown)")
+        return value
 
     @field_validator("routes")
     @classmethod
@@ -183,8 +260,13 @@ class Settings(BaseSettings):
         for route in routes:
             if route.kind != "simulator" and route.url is None:
                 raise ValueError(f"route {route.label!r}: url is required for kind {route.kind!r}")
-            if route.key_env and not os.environ.get(route.key_env):
-                raise ValueError(f"route {route.label!r}: the environment variable {route.key_env} is not set")
+            if route.key_env:
+                key = os.environ.get(route.key_env)
+                if not key:
+                    raise ValueError(f"route {route.label!r}: the environment variable {route.key_env} is not set")
+                if flaw := secret_flaw(key):
+                    raise ValueError(f"route {route.label!r}: the key in {route.key_env}: {flaw} "
+                                     "(the key is not shown)")
             if route.fallback is not None and route.fallback not in names:
                 raise ValueError(f"route {route.label!r}: fallback {route.fallback!r} names no route")
         return routes
@@ -194,8 +276,6 @@ class Settings(BaseSettings):
     def _check_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        from .auth import parse_keys
-
         if not parse_keys(value.get_secret_value()):
             raise ValueError("no key given (unset it to leave the API open)")
         return value
@@ -205,8 +285,6 @@ class Settings(BaseSettings):
     def _check_keys_file(cls, value: Path | None) -> Path | None:
         if value is None or str(value) == "":
             return None
-        from .auth import read_keys_file
-
         # A missing file, a bad line or no key at all stops start-up here: a typo must not
         # leave the API open.
         if not read_keys_file(value):
@@ -227,12 +305,21 @@ class Settings(BaseSettings):
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        from standardwebhooks.webhooks import Webhook
-
+        secret = value.get_secret_value()
+        if flaw := secret_flaw(secret):
+            raise ValueError(f"{flaw} (the secret is not shown)")
+        encoded = secret.removeprefix("whsec_")
         try:
-            Webhook(value.get_secret_value())
-        except Exception:
-            raise ValueError("must be a Standard Webhooks secret: 'whsec_' and base64") from None
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except binascii.Error:
+            raise ValueError("must be a Standard Webhooks secret: 'whsec_' and base64; "
+                             "make one with 'tokenrelay webhooks secret'") from None
+        low, high = WEBHOOK_SECRET_BYTES
+        if not low <= len(key) <= high:
+            # A short key is guessable from the signatures it makes; receivers' libraries
+            # may refuse a long one.
+            raise ValueError(f"holds {len(key)} bytes; a Standard Webhooks secret holds {low} to {high} random "
+                             "bytes: make one with 'tokenrelay webhooks secret'")
         return value
 
     @field_validator("cors_origins", mode="before")
@@ -280,7 +367,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
+        toml = _toml_source.get()
+        return (init_settings, env_settings) if toml is None else (init_settings, env_settings, toml)
+
+
+# The TOML file of the load_settings call in progress: the file is given per call, while
+# pydantic-settings asks the class for its sources.
+_toml_source: ContextVar[TomlConfigSettingsSource | None] = ContextVar("tokenrelay_toml_source", default=None)
 
 
 def default_data_dir() -> Path:
@@ -298,46 +391,141 @@ def _http_url(value: str | None) -> str | None:
     return value.rstrip("/")
 
 
+def env_names(setting: str) -> tuple[str, ...]:
+    """The environment variables that set ``setting``, strongest first."""
+    alias = Settings.model_fields[setting].validation_alias
+    if isinstance(alias, AliasChoices):
+        return tuple(choice.upper() for choice in alias.choices if isinstance(choice, str))
+    return (ENV_PREFIX + setting.upper(),)
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings from flags, environment and an optional TOML file.
-
-    Values from the TOML file are weaker than the environment, so they are applied only
-    for the fields the environment leaves unset.
-    """
-    file_values: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
-        try:
-            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SettingsError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
-        unknown = sorted(set(file_values) - set(Settings.model_fields))
-        if unknown:
-            raise SettingsError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    """Build the settings from flags (``overrides``; None: not given), the environment and an
+    optional TOML file, in that order of strength."""
+    toml = _read_toml(Path(config_file)) if config_file is not None else None
     given = {k: v for k, v in overrides.items() if v is not None}
+    token = _toml_source.set(toml)
     try:
-        from_env = Settings(**given)
-        # Fields still at their defaults may come from the file.
-        explicit = from_env.model_fields_set
-        merged = {k: v for k, v in file_values.items() if k not in explicit}
-        if not merged:
-            return from_env
-        return Settings(**{**merged, **given})
+        return Settings(**given)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        problems = tuple(_problem(err, given, toml) for err in exc.errors())
+        raise SettingsError("\n".join(map(str, problems)), problems) from None
     except ValueError as exc:  # pydantic-settings' own: a list setting's value is not JSON
-        if "error parsing value" not in str(exc):
+        found = re.search(r'field "(\w+)"', str(exc))
+        if "error parsing value" not in str(exc) or not found or found.group(1) not in Settings.model_fields:
             raise
-        raise SettingsError(f"invalid setting: {exc} (list settings such as TOKENRELAY_ROUTES take JSON)") from None
+        problem = Problem(found.group(1), "env", env_names(found.group(1))[0],
+                          "not valid JSON (list settings such as TOKENRELAY_ROUTES take JSON)")
+        raise SettingsError(str(problem), (problem,)) from None
+    finally:
+        _toml_source.reset(token)
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        env_name = ENV_PREFIX + field.upper() if field in Settings.model_fields else field
-        where = ".".join(str(part) for part in err["loc"]) or field  # routes.0.kind: which entry
-        lines.append(f"invalid setting {env_name} ({where}): {err['msg']}")
-    return "\n".join(lines)
+def _read_toml(path: Path) -> TomlConfigSettingsSource:
+    # The TOML source skips what is not a file without a word; a --config that names
+    # nothing must not start the service on its defaults.
+    if not path.expanduser().exists():
+        raise SettingsError(f"config file not found: {path}")
+    if not path.expanduser().is_file():
+        raise SettingsError(f"config file {path} is not a file")
+    try:
+        return TomlConfigSettingsSource(Settings, toml_file=path)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {path} is not UTF-8 text") from None
+
+
+def _problem(err: Any, given: Mapping[str, Any], toml: TomlConfigSettingsSource | None) -> Problem:
+    loc = [str(part) for part in err["loc"]]
+    key = loc[0] if loc else "?"
+    setting = key if key in Settings.model_fields else next(
+        (name for name in Settings.model_fields if key.upper() in env_names(name)), key)
+    message = str(err["msg"]).removeprefix("Value error, ")
+    nested = ".".join([setting, *loc[1:]])  # routes.0.kind: which entry
+    if err["type"] == "extra_forbidden":
+        close = _closest(setting, list(Settings.model_fields))
+        message = "unknown setting" + (f"; did you mean {close}?" if close else "")
+    if setting in given:
+        return Problem(setting, "flag", "--" + setting.replace("_", "-"), message)
+    present = {name.upper() for name in os.environ}
+    for name in env_names(setting) if setting in Settings.model_fields else ():
+        if name in present:
+            where = name if len(loc) == 1 else f"{name} ({nested})"
+            return Problem(setting, "env", where, message)
+    path = toml.toml_file_path if toml is not None else "?"
+    return Problem(setting, "file", f"config file {path}, {nested}", message)
+
+
+def _closest(name: str, candidates: list[str]) -> str | None:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return close[0] if close else None
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``TOKENRELAY_*`` variable that tokenrelay does not read, naming the
+    setting it was probably meant to be: a typo would otherwise leave the default in force."""
+    environ = os.environ if environ is None else environ
+    settings = {env: name for name in Settings.model_fields for env in env_names(name)}
+    known = set(settings) | OTHER_ENV
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        # Compared without the prefix, which every candidate shares and which would make
+        # any name look close to every setting.
+        stems = {env.removeprefix(ENV_PREFIX): env for env in known if env.startswith(ENV_PREFIX)}
+        close = _closest(upper.removeprefix(ENV_PREFIX), sorted(stems))
+        hint = f"; did you mean {stems[close]}?" if close else ""
+        warnings.append(f"{name} is not a tokenrelay setting and is ignored{hint}")
+    return warnings
+
+
+@dataclass(frozen=True, slots=True)
+class SettingHelp:
+    """One setting as ``serve --help`` lists it."""
+
+    name: str
+    env: tuple[str, ...]
+    default: str
+    description: str
+
+
+def settings_help() -> list[tuple[str, list[SettingHelp]]]:
+    """Every setting, in the sections of ``SECTIONS``, for help texts."""
+    sections: list[tuple[str, list[SettingHelp]]] = []
+    for name, field in Settings.model_fields.items():
+        if name in SECTIONS or not sections:
+            sections.append((SECTIONS.get(name, "Settings"), []))
+        description = field.description or ""
+        entry = _entry_fields(field)
+        if entry:
+            description += f" Each entry: {', '.join(entry)}."
+        sections[-1][1].append(SettingHelp(name, env_names(name), default_text(field), description))
+    return sections
+
+
+def _entry_fields(field: FieldInfo) -> list[str]:
+    """The keys of a list-of-tables setting such as ``routes``."""
+    if get_origin(field.annotation) is list:
+        (item,) = get_args(field.annotation)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return list(item.model_fields)
+    return []
+
+
+def default_text(field: FieldInfo) -> str:
+    """A setting's default as a user would write it."""
+    value = field.get_default(call_default_factory=True, validated_data={})
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "empty"
+    return str(value)
