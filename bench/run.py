@@ -94,6 +94,7 @@ class Bench:
     relay_of: dict[str, str] = field(default_factory=dict)  # target → the server whose CPU/memory it costs
     results: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sources: dict[str, Path] = field(default_factory=dict)  # "@<ref>" → that ref's exported src/
 
     # --- set-up ---------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class Bench:
         for ref in self.before:
             label = "@" + ref
             src = export_source(ref, self.log_dir / f"src-{len(self.servers)}")
+            self.sources[label] = src
             old = start_tokenrelay(self.log_dir, upstream, name=label, src=src).wait_ready()
             self.servers[label] = old
             self._add(f"{label}-text", old.url, TEXT, label)
@@ -214,7 +216,9 @@ class Bench:
     async def fresh_relay(self, name: str) -> AsyncIterator[tuple[Server, Target]]:
         """A new tokenrelay process for a memory measurement, so what earlier workloads left
         in the heap does not hide (or inflate) this one's growth."""
-        server = start_tokenrelay(self.log_dir, self.servers["sim"].url + "/v1", name=f"tokenrelay-{name}-fresh")
+        label = self.relay_of.get(name, "")
+        server = start_tokenrelay(self.log_dir, self.servers["sim"].url + "/v1", name=f"tokenrelay-{name}-fresh",
+                                  src=self.sources.get(label))
         try:
             server.wait_ready()
             target = Target(name, server.url, self.targets[name].wire)
@@ -448,8 +452,9 @@ class Bench:
         # One relay route: opening thousands of streams is what costs here, and the routes
         # share it. Direct runs first at each size: whether the simulator and the load
         # generator hold that many streams themselves, on the same cores.
+        relays = ("direct", "tokenrelay-sse", *(f"@{ref}-sse" for ref in self.before))
         for streams in s.w3_streams:
-            for name in [n for n in ("direct", "tokenrelay-sse") if n in self.targets]:
+            for name in [n for n in relays if n in self.targets]:
                 key = f"{name} ×{streams}"
                 if name == "direct":
                     out[key] = await self._many_streams(self.targets[name], self.servers["sim"], ask, streams)

@@ -82,6 +82,7 @@ class StreamResponse:
         error_response: ErrorResponse = tokenrelay_error,
     ) -> None:
         self._open_body: OpenBody | None = open_body
+        self._body: Body | None = None
         self.headers = headers
         """Sent with the first piece; the body may still add to them before it yields."""
         self.record = record
@@ -102,6 +103,8 @@ class StreamResponse:
         self._send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One frame for the whole stream (no helper coroutine per phase): it lives as long as
+        # the stream, on every open connection (docs/performance.md, memory per stream).
         task = asyncio.current_task()
         assert task is not None
         self._task = task
@@ -109,9 +112,37 @@ class StreamResponse:
         record = self.record
         if self.observer is not None and record is not None:
             self.observer.stream_started(record)
-        listener = asyncio.get_running_loop().create_task(self._listen_for_disconnect(receive))
+        loop = asyncio.get_running_loop()
+        listener = loop.create_task(self._listen_for_disconnect(receive))
+        started = False
         try:
-            await self._stream(send)
+            try:
+                body = await self._open()
+                async for piece in body:
+                    if not started:
+                        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+                        started = True
+                        self._last_send = loop.time()
+                        self._arm()
+                    elif self._ping is not None:
+                        await self._ping  # a heartbeat being written goes first
+                    self._busy_since = now = loop.time()
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    self._busy_since = 0.0
+                    self._last_send = now
+            except TokenrelayError as exc:
+                if record is not None:
+                    record.fail(exc, midway=started)
+                if started:
+                    self._abort = exc
+                else:
+                    await self._send_error(send, exc)
+            else:
+                if not started:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+                elif self._ping is not None:
+                    await self._ping
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             # Our own cancellation (the client left or stalled) ends the response; any other
             # (shutdown) goes on.
@@ -124,6 +155,8 @@ class StreamResponse:
                 self._timer.cancel()
             if self._ping is not None:
                 self._ping.cancel()
+            if self._body is not None:
+                await self._body.aclose()  # closes the upstream request, also when the client left
             if record is not None:
                 log_request(record)
                 if self.observer is not None:
@@ -131,48 +164,13 @@ class StreamResponse:
         if self._abort is not None:
             raise StreamAborted(self._abort.message)
 
-    async def _stream(self, send: Send) -> None:
-        # Dropped once opened: what the opener holds (the request) is not kept for the
-        # stream's lifetime.
+    async def _open(self) -> Body:
+        """The body, opened; the opener is dropped, so what it holds (the request) is not
+        kept for the stream's lifetime."""
         open_body, self._open_body = self._open_body, None
         assert open_body is not None
-        try:
-            body = await open_body()
-        except TokenrelayError as exc:
-            if self.record is not None:
-                self.record.fail(exc, midway=False)
-            await self._send_error(send, exc)
-            return
-        loop = asyncio.get_running_loop()
-        started = False
-        try:
-            async for piece in body:
-                if not started:
-                    await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-                    started = True
-                    self._last_send = loop.time()
-                    self._arm()
-                elif self._ping is not None:
-                    await self._ping  # a heartbeat being written goes first
-                self._busy_since = now = loop.time()
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-                self._busy_since = 0.0
-                self._last_send = now
-        except TokenrelayError as exc:
-            if self.record is not None:
-                self.record.fail(exc, midway=started)
-            if started:
-                self._abort = exc
-            else:
-                await self._send_error(send, exc)
-            return
-        finally:
-            await body.aclose()  # closes the upstream request, also when the client left
-        if not started:
-            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        elif self._ping is not None:
-            await self._ping
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._body = await open_body()
+        return self._body
 
     async def _send_error(self, send: Send, exc: TokenrelayError) -> None:
         status, headers, body = self.error_response(exc)
