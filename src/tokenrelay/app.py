@@ -128,37 +128,18 @@ async def _index(request: Request) -> Response:
 
 
 async def _start_jobs(app: Starlette, settings: Settings) -> Any:
-    """The jobs backend: Redis with TOKENRELAY_REDIS_URL, else SQLite in the data directory.
-    If the data directory is taken, everything else still serves; /api/jobs answers 503."""
-    from .jobs.store import StoreBusy
+    """The jobs backend (``jobs.backend.open_backend``). If it cannot be had (the data
+    directory is taken, several processes without Redis), everything else still serves;
+    /api/jobs answers 503 saying why."""
+    from .jobs.backend import JobsUnavailable, open_backend
 
-    processes = int(os.environ.get(SERVE_PROCESSES_ENV) or 1)
-    if processes > 1 and not settings.redis_url:
-        app.state.jobs_unavailable = (
-            f"jobs are not available: with {processes} serve processes they need TOKENRELAY_REDIS_URL "
-            "(and 'tokenrelay worker'); SQLite-kept jobs need a single process"
-        )
-        log.warning("%s", app.state.jobs_unavailable)
-        return None
     try:
-        # TOKENRELAY_REDIS_URL also holds the per-key limits; a serve set up for those alone
-        # still runs its jobs, since it runs a queue worker itself (jobs_in_serve).
-        if settings.redis_url:
-            from .jobs.distributed import RemoteJobs
-
-            jobs: Any = RemoteJobs(settings)
-            log.info("jobs: on the Redis queue at %s", jobs.label)
-        else:
-            from .jobs.local import LocalJobs
-
-            jobs = LocalJobs(settings, app.state.provider)
-            log.info("jobs: kept in %s", jobs.store.path)
-        await jobs.start()
-    except StoreBusy as exc:
-        app.state.jobs_unavailable = f"jobs are not available: {exc}"
+        return await open_backend(settings, app.state.provider,
+                                  processes=int(os.environ.get(SERVE_PROCESSES_ENV) or 1))
+    except JobsUnavailable as exc:
+        app.state.jobs_unavailable = str(exc)
         log.warning("%s", app.state.jobs_unavailable)
         return None
-    return jobs
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -6,9 +6,8 @@
     GET    /api/jobs/{id}/stream  SSE: what the job has written so far, then live, then
                                   event: done or event: error
 
-The backend (``app.state.jobs``) is ``LocalJobs`` (SQLite, run in this process) or
-``RemoteJobs`` (Redis, run by ``tokenrelay worker``); both have ``store``, ``submit`` and
-``cancel``.
+The backend (``app.state.jobs``) is a ``jobs.backend.JobBackend``: ``LocalJobs`` (SQLite,
+run in this process) or ``RemoteJobs`` (Redis, run by ``tokenrelay worker``).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import orjson
 from pydantic import Field
@@ -27,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import BadRequest, Conflict, NotFound, ServiceUnavailable, TokenrelayError, ValidationFailed
-from ..jobs.model import new_job, public
+from ..jobs.backend import JobBackend
+from ..jobs.model import Job, new_job
 from ..jobs.runner import close
 from ..jobs.store import FollowEvent
 from ..jobs.webhooks import check_url_syntax
@@ -54,17 +53,16 @@ class IdempotencyKeyReused(ValidationFailed):
 
 
 @contextlib.contextmanager
-def _reaching(jobs: Any) -> Iterator[None]:
+def _reaching(jobs: JobBackend) -> Iterator[None]:
     """Redis errors become a 503 that says so, at the boundary (errors.py)."""
     try:
         yield
     except RedisError as exc:
-        where = getattr(jobs, "label", "Redis")
-        raise ServiceUnavailable(f"jobs are unavailable: {where} does not answer ({exc})") from None
+        raise ServiceUnavailable(f"jobs are unavailable: {jobs.label} does not answer ({exc})") from None
 
 
-def _jobs(request: Request) -> Any:
-    jobs = getattr(request.app.state, "jobs", None)
+def _jobs(request: Request) -> JobBackend:
+    jobs: JobBackend | None = getattr(request.app.state, "jobs", None)
     if jobs is None:
         reason = getattr(request.app.state, "jobs_unavailable", "jobs are not available")
         raise ServiceUnavailable(reason)
@@ -94,21 +92,21 @@ async def create_job(request: Request) -> Response:
     with _reaching(jobs):
         job, created = await jobs.submit(new_job(request=chat, model=model, webhook_url=body.webhook_url,
                                                  idempotency_key=key, body_hash=body_hash))
-    if not created and job["body_hash"] != body_hash:
+    if not created and job.body_hash != body_hash:
         raise IdempotencyKeyReused(
-            f"Idempotency-Key {key!r} was used for job {job['id']} with another body; use a new key for a new job"
+            f"Idempotency-Key {key!r} was used for job {job.id} with another body; use a new key for a new job"
         )
-    headers = {"location": f"/api/jobs/{job['id']}"}
+    headers = {"location": f"/api/jobs/{job.id}"}
     if not created:
         headers["idempotent-replayed"] = "true"
-    return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202, headers=headers)
+    return JSONResponse({"id": job.id, "status": job.status}, status_code=202, headers=headers)
 
 
-async def _get(request: Request) -> tuple[Any, dict[str, Any]]:
+async def _get(request: Request) -> tuple[JobBackend, Job]:
     jobs = _jobs(request)
     job_id = request.path_params["job_id"]
     with _reaching(jobs):
-        job = await jobs.store.get(job_id)
+        job = await jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return jobs, job
@@ -116,25 +114,25 @@ async def _get(request: Request) -> tuple[Any, dict[str, Any]]:
 
 async def get_job(request: Request) -> Response:
     _, job = await _get(request)
-    return JSONResponse(public(job))
+    return JSONResponse(job.public())
 
 
 async def delete_job(request: Request) -> Response:
     jobs, job = await _get(request)
     with _reaching(jobs):
-        cancelled = await jobs.cancel(job["id"])
+        cancelled = await jobs.cancel(job.id)
         if cancelled is None:
-            job = await jobs.store.get(job["id"]) or job
+            job = await jobs.get(job.id) or job
     if cancelled is None:
-        raise Conflict(f"job {job['id']} has already {job['status']}; only queued or running jobs can be cancelled")
-    return JSONResponse(public(cancelled))
+        raise Conflict(f"job {job.id} has already {job.status}; only queued or running jobs can be cancelled")
+    return JSONResponse(cancelled.public())
 
 
 async def stream_job(request: Request) -> Response:
     jobs, job = await _get(request)
     heartbeat = request.app.state.settings.heartbeat_interval
     return StreamingResponse(
-        _sse(jobs.store.follow(job["id"]), job_id=job["id"], model=job["model"], heartbeat=heartbeat),
+        _sse(jobs.follow(job.id), job_id=job.id, model=job.model, heartbeat=heartbeat),
         media_type="text/event-stream; charset=utf-8",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
     )
