@@ -225,7 +225,7 @@ def describe_upstreams(settings: Settings) -> str:
     """Where this process's jobs get their answers, for its start-up log line."""
     if settings.routes:
         return "routes: " + ", ".join(f"{r.pattern} → {r.label} ({r.kind})" for r in settings.routes)
-    return settings.upstream_label
+    return "upstream: " + settings.upstream_label
 
 
 @contextlib.asynccontextmanager
