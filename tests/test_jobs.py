@@ -153,26 +153,42 @@ def test_stream_of_a_failing_job_ends_with_error(client: httpx.Client) -> None:
     assert wait_ended(client, job["id"])["status"] == "failed"
 
 
-def cancel_a_running_job(client: httpx.Client, sim_server: SimServer) -> dict[str, Any]:
-    """Submit a long job, cancel it while it runs, and check that its upstream stream was
-    cancelled at the simulator (whichever process ran it); the cancelled job."""
+def cancel_a_running_job(client: httpx.Client, sim_server: SimServer, *,
+                         model: str = "sim:ttft=0,tps=5,tokens=200") -> dict[str, Any]:
+    """Submit a long job, follow it, cancel it once some text has arrived, and check that its
+    upstream stream was cancelled at the simulator (whichever process ran it) and that the
+    job keeps the text it had written; the cancelled job."""
     sim_server.wait_idle(timeout=10)
     before = sim_server.stats()
-    job = submit(client, chat(model="sim:ttft=0,tps=5,tokens=200"))
-    wait_until(lambda: client.get(f"/api/jobs/{job['id']}").json()["status"] == "running")
-    wait_until(lambda: sim_server.stats()["open_streams"] == 1)
-    response = client.delete(f"/api/jobs/{job['id']}")
-    assert response.status_code == 200 and response.json()["status"] == "cancelled", response.text
+    job = submit(client, chat(model=model))
+    decoder = SSEDecoder()
+    events: list[tuple[str, Any]] = []
+    cancelled: dict[str, Any] = {}
+    with client.stream("GET", f"/api/jobs/{job['id']}/stream") as stream:
+        for chunk in stream.iter_raw():
+            events += [(e.event, orjson.loads(e.data)) for e in decoder.feed(chunk)]
+            if not cancelled and any(kind == "message" for kind, _ in events):
+                response = client.delete(f"/api/jobs/{job['id']}")
+                assert response.status_code == 200 and response.json()["status"] == "cancelled", response.text
+                cancelled = response.json()
     after = sim_server.wait_idle(timeout=10)
     assert after["cancelled_streams"] == before["cancelled_streams"] + 1
-    return job
+    assert events[-1] == ("error", {"error": {"type": "job_cancelled", "message": "the job was cancelled"}})
+    streamed = "".join(data["text"] for kind, data in events if kind == "message")
+    kept = cancelled["result"]["text"]
+    assert kept and streamed.startswith(kept)  # what followers had seen when it was cancelled
+    record = client.get(f"/api/jobs/{job['id']}").json()
+    assert record["status"] == "cancelled" and record["result"]["text"] == kept
+    assert record["webhook"] is None and record["finished_at"] is not None
+    return record
 
 
 def test_cancel_a_running_job_stops_the_upstream(client: httpx.Client, sim_server: SimServer) -> None:
     job = cancel_a_running_job(client, sim_server)
     again = client.delete(f"/api/jobs/{job['id']}")
     assert again.status_code == 409 and "cancelled" in again.json()["error"]["message"]
-    events, _ = read_events(client, job["id"])
+    events, _ = read_events(client, job["id"])  # replayed: the text it kept, then why it ended
+    assert "".join(d["text"] for k, d in events if k == "message") == job["result"]["text"]
     assert events[-1] == ("error", {"error": {"type": "job_cancelled", "message": "the job was cancelled"}})
 
 
@@ -186,6 +202,31 @@ def test_cancel_a_queued_job(sim_server: SimServer, start_relay: Callable[..., R
         assert client.delete(f"/api/jobs/{queued['id']}").json()["status"] == "cancelled"
         assert client.delete(f"/api/jobs/{busy['id']}").json()["status"] == "cancelled"
         assert client.get(f"/api/jobs/{queued['id']}").json()["result"] is None
+
+
+def a_retry_holds_no_slot(client: httpx.Client) -> None:
+    """With one job slot, a job whose webhook waits to be retried lets the next job run: the
+    retry is a scheduled item, not a wait in the first job's slot. Needs a relay (or worker)
+    with job concurrency 1 and a webhook backoff of seconds."""
+    with running_receiver(fail_first=1) as (url, receiver):
+        first = submit(client, chat("hook me", model="sim:echo,ttft=0,tps=0", webhook_url=url))
+        wait_until(lambda: len(client.get(f"/api/jobs/{first['id']}").json()["deliveries"]) == 1, timeout=20)
+        second = wait_ended(client, submit(client, chat("me too", model="sim:echo,ttft=0,tps=0"))["id"])
+        assert second["status"] == "succeeded" and second["result"]["text"] == "me too"
+        waiting = client.get(f"/api/jobs/{first['id']}").json()
+        assert waiting["webhook"]["state"] == "pending" and len(waiting["deliveries"]) == 1  # still due later
+        record = wait_webhook(client, first["id"], "delivered", timeout=20)
+    assert [d["status_code"] for d in record["deliveries"]] == [500, 204]
+    assert second["finished_at"] < record["deliveries"][1]["at"]
+    assert [d.status for d in receiver.deliveries] == [500, 204]
+
+
+def test_a_webhook_retry_holds_no_job_slot(sim_server: SimServer, start_relay: Callable[..., RelayServer]) -> None:
+    relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_JOB_CONCURRENCY="1",
+                        TOKENRELAY_WEBHOOK_SECRET=SECRET, TOKENRELAY_WEBHOOK_ALLOW_PRIVATE="true",
+                        TOKENRELAY_WEBHOOK_BACKOFF="3", TOKENRELAY_WEBHOOK_BACKOFF_MAX="3")
+    with httpx.Client(base_url=relay.url, timeout=10) as client:
+        a_retry_holds_no_slot(client)
 
 
 def test_webhook_is_signed_and_retried_under_one_id(client: httpx.Client) -> None:

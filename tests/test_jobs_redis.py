@@ -1,9 +1,12 @@
 """Jobs on the Redis task queue: ``tokenrelay serve`` with ``TOKENRELAY_REDIS_URL`` takes them
 in, two ``tokenrelay worker`` processes run them, all against a real redis-server; one worker
-is killed with SIGKILL midway and the other finishes its jobs."""
+is killed with SIGKILL midway and the other finishes its jobs. A worker with model routes
+answers from the routes' upstreams, as ``serve`` would, and a webhook waiting to be retried
+holds none of its slots."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,17 +19,17 @@ import pytest
 
 from servers import RelayServer, SimServer, stop_process, wait_until
 from streams import chat
-from test_jobs import cancel_a_running_job, read_events, submit, wait_ended
+from test_jobs import a_retry_holds_no_slot, cancel_a_running_job, read_events, submit, wait_ended
 from webhook_receiver import SECRET, running_receiver
 
 
 class WorkerProcess:
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, *, concurrency: int = 3) -> None:
         self.log_path = log_dir / f"worker-{name}-{os.getpid()}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENRELAY_", "OPENAI_"))}
         full_env.update(env)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tokenrelay", "worker", "--concurrency", "3"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tokenrelay", "worker", "--concurrency", str(concurrency)],
                                      env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_until(lambda: self._alive() and "running jobs from" in self.log(), timeout=20)
 
@@ -148,3 +151,86 @@ def test_redis_away_is_a_clear_503(sim_server: SimServer, start_relay: Callable[
     assert httpx.post(relay.url + "/api/get-response", json=chat(stream=False), timeout=10).status_code == 200
     wait_until(lambda: "jobs wait until it does" in relay.log())
     assert relay.log().count("does not answer") == 1  # said once, not a traceback a second
+
+
+@pytest.fixture(scope="module")
+def anthropic_sim(log_dir: Path) -> Iterator[SimServer]:
+    """A simulator of this module's own, so its counts are this module's requests alone."""
+    server = SimServer(log_dir=log_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def routed(redis_url: str, anthropic_sim: SimServer, start_relay: Callable[..., RelayServer],
+           log_dir: Path) -> Iterator[tuple[RelayServer, WorkerProcess]]:
+    """``serve`` that leaves its jobs to one ``tokenrelay worker`` (one slot), both with routes
+    and no TOKENRELAY_UPSTREAM_URL: ``claude-*`` to the simulator's Anthropic Messages API,
+    ``claude-down-*`` to an address where nothing listens (falling back to the first), the
+    rest to the built-in simulator."""
+    from servers import free_port
+
+    routes = [
+        {"name": "down", "pattern": "claude-down-*", "kind": "anthropic",
+         "url": f"http://127.0.0.1:{free_port()}/v1", "key_env": "TEST_ANTHROPIC_KEY", "fallback": "anthropic"},
+        {"name": "anthropic", "pattern": "claude-*", "kind": "anthropic", "url": anthropic_sim.url + "/v1",
+         "key_env": "TEST_ANTHROPIC_KEY"},
+        {"name": "local", "pattern": "*", "kind": "simulator"},
+    ]
+    env = {"TOKENRELAY_REDIS_URL": own_db(redis_url, 9), "TOKENRELAY_ROUTES": json.dumps(routes),
+           "TEST_ANTHROPIC_KEY": "sk-ant-test", "TOKENRELAY_RETRY_BACKOFF": "0.01",
+           "TOKENRELAY_WEBHOOK_SECRET": SECRET, "TOKENRELAY_WEBHOOK_ALLOW_PRIVATE": "true",
+           "TOKENRELAY_WEBHOOK_BACKOFF": "3", "TOKENRELAY_WEBHOOK_BACKOFF_MAX": "3", "TOKENRELAY_JOB_HEARTBEAT": "2"}
+    relay = start_relay(upstream=None, TOKENRELAY_JOBS_IN_SERVE="false", **env)
+    worker = WorkerProcess("routed", env, log_dir, concurrency=1)
+    yield relay, worker
+    worker.stop()
+
+
+@pytest.fixture()
+def routed_client(routed: tuple[RelayServer, WorkerProcess]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=routed[0].url, timeout=10) as c:
+        yield c
+
+
+def test_a_worker_answers_from_the_model_s_route(routed_client: httpx.Client, anthropic_sim: SimServer,
+                                                 routed: tuple[RelayServer, WorkerProcess]) -> None:
+    _, worker = routed
+    assert "claude-* → anthropic (anthropic)" in worker.log()
+    model = "claude-3-5-sonnet:ttft=0,tps=0,tokens=12"
+    question = "Where does this answer come from?"
+    before = anthropic_sim.stats()
+    job = wait_ended(routed_client, submit(routed_client, chat(question, model=model))["id"])
+    assert job["status"] == "succeeded", job
+    assert anthropic_sim.stats()["completed_streams"] == before["completed_streams"] + 1
+    # The same text the simulator's Messages API gives for this question, asked directly.
+    direct = httpx.post(anthropic_sim.url + "/v1/messages", timeout=10,
+                        headers={"x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01"},
+                        json={"model": model, "max_tokens": 100, "messages": [{"role": "user", "content": question}]})
+    assert direct.status_code == 200, direct.text
+    assert job["result"]["text"] == "".join(b["text"] for b in direct.json()["content"] if b["type"] == "text")
+    assert job["result"]["usage"]["completion_tokens"] == 12
+    # A model no route sends upstream is the built-in simulator's: the upstream saw nothing.
+    counted = anthropic_sim.stats()["total_streams"]
+    other = wait_ended(routed_client, submit(routed_client, chat("local", model="sim:echo,ttft=0,tps=0"))["id"])
+    assert other["status"] == "succeeded" and other["result"]["text"] == "local"
+    assert anthropic_sim.stats()["total_streams"] == counted
+
+
+def test_a_worker_retries_then_falls_back(routed_client: httpx.Client, anthropic_sim: SimServer) -> None:
+    before = anthropic_sim.stats()
+    job = wait_ended(routed_client, submit(routed_client, chat("fall back", model="claude-down-1:echo,ttft=0,tps=0"))["id"])
+    assert job["status"] == "succeeded" and job["result"]["text"] == "fall back"  # from the fallback route
+    assert anthropic_sim.stats()["completed_streams"] == before["completed_streams"] + 1
+    # An upstream answering 500 is tried again (TOKENRELAY_RETRIES, 2), then the job fails.
+    failing = wait_ended(routed_client, submit(routed_client, chat(model="claude-x:ttft=0,tps=0,fault=http-500"))["id"])
+    assert failing["status"] == "failed" and "500" in failing["error"]["message"]
+    assert anthropic_sim.stats()["failed_streams"] == before["failed_streams"] + 3
+
+
+def test_a_webhook_retry_holds_no_worker_slot(routed_client: httpx.Client) -> None:
+    a_retry_holds_no_slot(routed_client)
+
+
+def test_a_job_cancelled_on_a_worker_keeps_its_text(routed_client: httpx.Client, anthropic_sim: SimServer) -> None:
+    cancel_a_running_job(routed_client, anthropic_sim, model="claude-long:ttft=0,tps=5,tokens=200")

@@ -4,12 +4,14 @@ timeouts against real receivers, and the JavaScript check of docs/jobs.md run by
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from tokenrelay.config import Settings
-from tokenrelay.jobs.model import PENDING, SUCCEEDED, new_job, payload
+from tokenrelay.jobs.model import Job, JobStatus, Result, new_job
 from tokenrelay.jobs.store import SQLiteJobStore
 from tokenrelay.jobs.webhooks import Deliverer, Refused, backoff, is_internal, pinned, resolve
 from webhook_receiver import SECRET, running_receiver, serving
@@ -64,21 +66,26 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
         assert max(delays) - min(delays) > full / 10  # really random
 
 
+def ended_job(url: str) -> Job:
+    job = new_job(request={"messages": [{"role": "user", "content": "x"}]}, model="sim", webhook_url=url,
+                  idempotency_key=None, body_hash="")
+    return dataclasses.replace(job.started().ended(Result("ok", "stop"), None), finished_at="2026-11-25T21:00:00.000Z")
+
+
 def deliver_once(url: str, **settings: Any) -> dict[str, Any]:
-    """One job's delivery, through the real Deliverer and store, to ``url``."""
+    """One job's delivery, through the real Deliverer and store, to ``url``: every attempt,
+    each when the record says it is due."""
     async def go() -> dict[str, Any]:
         config = Settings(webhook_secret=SECRET, webhook_allow_private=True, webhook_backoff=0.01,
                           webhook_backoff_max=0.02, data_dir=Path(tempfile.mkdtemp()), **settings)
         store = SQLiteJobStore(config.data_dir)
         deliverer = Deliverer(config, store)
         try:
-            job = new_job(request={"messages": [{"role": "user", "content": "x"}]}, model="sim", webhook_url=url,
-                          idempotency_key=None, body_hash="")
-            job.update(status=SUCCEEDED, finished_at="2026-11-25T21:00:00.000Z",
-                       result={"text": "ok", "finish_reason": "stop", "usage": None})
-            job["webhook"]["state"] = PENDING
-            await store.create(job)
-            return await deliverer.deliver(job)
+            job, _ = await store.create(ended_job(url))
+            while (due := job.delivery_due) is not None:
+                await asyncio.sleep(max(0.0, due - time.time()))  # the schedule itself is what is tested
+                job = await deliverer.attempt(job)
+            return job.public()
         finally:
             await deliverer.aclose()
             await store.aclose()
@@ -159,8 +166,8 @@ console.log(JSON.stringify({type: event.type, text: event.data.result.text, forg
 def test_the_payload_is_the_documented_shape() -> None:
     job = new_job(request={"messages": []}, model="m", webhook_url="https://example.com/h", idempotency_key=None,
                   body_hash="")
-    job.update(status=SUCCEEDED, finished_at="2026-11-25T21:00:03.410Z")
-    body = payload(job)
+    job = dataclasses.replace(job, status=JobStatus.SUCCEEDED, finished_at="2026-11-25T21:00:03.410Z")
+    body = job.payload()
     assert body["type"] == "job.succeeded" and body["timestamp"] == "2026-11-25T21:00:03.410Z"
     assert set(body["data"]) == {"id", "status", "model", "result", "error", "created_at", "started_at",
                                  "finished_at", "webhook"}
@@ -168,4 +175,4 @@ def test_the_payload_is_the_documented_shape() -> None:
     assert documented is not None
     for field in body["data"]:
         assert f'"{field}"' in documented.group(1)
-    assert orjson.dumps(payload(job)) == orjson.dumps(body)  # the same bytes every time
+    assert orjson.dumps(job.payload()) == orjson.dumps(body)  # the same bytes every time

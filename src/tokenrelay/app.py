@@ -10,7 +10,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -21,6 +20,7 @@ from starlette.staticfiles import StaticFiles
 from .auth import load_keys
 from .config import Settings
 from .error_handlers import EXCEPTION_HANDLERS
+from .jobs.backend import JobsUnavailable, open_backend
 from .logs import setup_logging
 from .metrics import Metrics
 from .middleware import add_middleware
@@ -40,40 +40,6 @@ WEB_DIR = resources.files("tokenrelay") / "web"
 
 async def _index(request: Request) -> Response:
     return FileResponse(str(WEB_DIR / "index.html"), headers={"cache-control": "no-cache"})
-
-
-async def _start_jobs(app: Starlette, settings: Settings) -> Any:
-    """The jobs backend: Redis with TOKENRELAY_REDIS_URL, else SQLite in the data directory.
-    If the data directory is taken, everything else still serves; /api/jobs answers 503."""
-    from .jobs.store import StoreBusy
-
-    processes = int(os.environ.get(SERVE_PROCESSES_ENV) or 1)
-    if processes > 1 and not settings.redis_url:
-        app.state.jobs_unavailable = (
-            f"jobs are not available: with {processes} serve processes they need TOKENRELAY_REDIS_URL "
-            "(and 'tokenrelay worker'); SQLite-kept jobs need a single process"
-        )
-        log.warning("%s", app.state.jobs_unavailable)
-        return None
-    try:
-        # TOKENRELAY_REDIS_URL also holds the per-key limits; a serve set up for those alone
-        # still runs its jobs, since it runs a queue worker itself (jobs_in_serve).
-        if settings.redis_url:
-            from .jobs.distributed import RemoteJobs
-
-            jobs: Any = RemoteJobs(settings)
-            log.info("jobs: on the Redis queue at %s", jobs.label)
-        else:
-            from .jobs.local import LocalJobs
-
-            jobs = LocalJobs(settings, app.state.provider)
-            log.info("jobs: kept in %s", jobs.store.path)
-        await jobs.start()
-    except StoreBusy as exc:
-        app.state.jobs_unavailable = f"jobs are not available: {exc}"
-        log.warning("%s", app.state.jobs_unavailable)
-        return None
-    return jobs
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -100,7 +66,13 @@ def create_app(settings: Settings) -> Starlette:
             )
         else:
             log.info("upstream: %s (default model: %s)", settings.upstream_label, settings.default_model or "none")
-        state.jobs = await _start_jobs(app, settings)
+        try:
+            state.jobs = await open_backend(settings, state.provider,
+                                            processes=int(os.environ.get(SERVE_PROCESSES_ENV) or 1))
+        except JobsUnavailable as exc:
+            # Everything else still serves; /api/jobs answers 503 saying why.
+            state.jobs_unavailable = str(exc)
+            log.warning("%s", exc)
         if state.keys or limiter.enabled:
             log.info("client keys: %s; limits: %s", len(state.keys) or "off (limits per client address)",
                      limiter.describe() if limiter.enabled else "none")

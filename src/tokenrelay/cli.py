@@ -383,7 +383,7 @@ def worker(config: Path | None, concurrency: int | None, log_level: str | None) 
     """Run jobs from the Redis queue; start as many as you like, on any machine.
 
     \b
-    They need the same settings as 'tokenrelay serve' (upstream, model, webhooks):
+    They need the same settings as 'tokenrelay serve' (upstream or routes, model, webhooks):
       TOKENRELAY_REDIS_URL=redis://redis.internal:6379/0 \\
       TOKENRELAY_UPSTREAM_URL=https://api.openai.com/v1 OPENAI_API_KEY=sk-… \\
       TOKENRELAY_WEBHOOK_SECRET=whsec_… tokenrelay worker
@@ -393,13 +393,13 @@ def worker(config: Path | None, concurrency: int | None, log_level: str | None) 
     """
     import asyncio
 
-    from .jobs.distributed import make_worker
+    from .jobs.distributed import describe_upstreams, make_worker
 
     settings = _settings(config, log_level=log_level)
     if settings.redis_url is None:
         raise click.ClickException("set TOKENRELAY_REDIS_URL (redis://host:6379/0): workers take jobs from Redis")
     setup_logging(settings.log_level, json=settings.log_json)
-    click.echo(f"tokenrelay worker (upstream: {settings.upstream_label})", err=True)
+    click.echo(f"tokenrelay worker ({describe_upstreams(settings)})", err=True)
     asyncio.run(make_worker(settings, concurrency=concurrency, signals=True).start())
 
 

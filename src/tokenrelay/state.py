@@ -8,7 +8,7 @@ untyped ``request.app.state.router``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from starlette.datastructures import State
 from starlette.requests import HTTPConnection
@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection
 if TYPE_CHECKING:
     from .auth import KeyRing
     from .config import Settings
+    from .jobs.backend import JobBackend
     from .metrics import Metrics
     from .routes.health import Readiness
     from .routing import ModelRouter, Router
@@ -30,7 +31,7 @@ class AppState(State):
     """The routes from model names to upstreams (built in the lifespan)."""
     provider: ModelRouter
     """Every answer's provider: routes each request by its model, retried where safe."""
-    jobs: Any
+    jobs: JobBackend | None
     """The jobs backend, or None when jobs are unavailable (``jobs_unavailable`` says why)."""
     jobs_unavailable: str | None
 

@@ -2,11 +2,13 @@
 jobs in Redis and puts them on a saq queue; ``tokenrelay worker`` processes, anywhere, run
 them (docs/jobs.md says why saq).
 
-A worker heartbeats each job it runs. When a worker dies, another worker's sweep finds the
-job's heartbeat stale and queues it again; ``runner.process`` then runs it from the start,
-or goes on with its webhook under the same id. A job is cancelled with saq's abort, which
-cancels the task on its worker: the provider's iterator closes, and the upstream request
-with it.
+Two kinds of saq job: a job's run (``RUN``, keyed by the job's id) and each webhook attempt
+(``DELIVER``, keyed by job and attempt number, scheduled for when it is due), both through
+``jobs.runner`` as in ``jobs.local``. A webhook retry waits in saq's schedule, not in a
+worker slot. A worker heartbeats each saq job it runs; when a worker dies, another worker's
+sweep finds the heartbeat stale and queues it again, and the runner's steps are idempotent.
+A job is cancelled with saq's abort, which cancels the task on its worker: the provider's
+iterator closes, and the upstream request with it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
+from collections.abc import AsyncIterator
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,16 +27,22 @@ from saq.queue.redis import RedisQueue
 from saq.types import PartialTimersDict
 
 from ..config import Settings
+from ..providers.base import Provider
 from ..routing import ModelRouter, Router
-from .model import Job
+from . import runner
+from .model import Job, JobStatus
 from .redis_store import RedisJobStore
-from .runner import JobContext, cancel, process
+from .runner import JobContext
+from .store import FollowEvent
 from .webhooks import Deliverer
 
 log = logging.getLogger("tokenrelay.jobs")
 
 QUEUE_NAME = "tokenrelay-jobs"
-TASK = "process_job"
+RUN = "process_job"
+"""The saq function that runs a job (the name runs queued by earlier versions carry)."""
+DELIVER = "deliver_webhook"
+"""The saq function that makes one webhook attempt, queued for when it is due."""
 RETRIES = 100
 """Times a job is queued again after its worker died: enough for any rolling restart."""
 
@@ -65,17 +76,18 @@ def make_queue(settings: Settings) -> JobQueue:
 
 
 class RemoteJobs:
-    """Submit and cancel jobs from ``tokenrelay serve``; workers run them, and unless
-    ``TOKENRELAY_JOBS_IN_SERVE=false`` this process runs one too, so a single ``serve``
-    with a Redis URL (set for the per-key limits, say) still gets its jobs done."""
+    """The ``JobBackend`` on Redis: submit and cancel jobs from ``tokenrelay serve``; workers
+    run them, and unless ``TOKENRELAY_JOBS_IN_SERVE=false`` this process runs one too (with
+    ``provider``, the serving one), so a single ``serve`` with a Redis URL (set for the
+    per-key limits, say) still gets its jobs done."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, provider: Provider) -> None:
         assert settings.redis_url is not None
         self.settings = settings
         self.label = redis_label(settings.redis_url)
         self.store = RedisJobStore(settings.redis_url)
         self.queue = make_queue(settings)
-        self.worker = make_worker(settings) if settings.jobs_in_serve else None
+        self.worker = make_worker(settings, provider=provider) if settings.jobs_in_serve else None
         self._worker_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -106,13 +118,18 @@ class RemoteJobs:
         job, created = await self.store.create(job)
         # A job seen again (same Idempotency-Key) and still queued is queued again: saq keeps
         # one job per key, and this heals a job whose first enqueue died with its process.
-        if created or job["status"] == "queued":
-            await self.queue.enqueue(TASK, key=job["id"], job_id=job["id"], timeout=0,
-                                     heartbeat=self.settings.job_heartbeat, retries=RETRIES)
+        if created or job.status is JobStatus.QUEUED:
+            await enqueue_run(self.queue, self.settings, job.id)
         return job, created
 
+    async def get(self, job_id: str) -> Job | None:
+        return await self.store.get(job_id)
+
+    def follow(self, job_id: str) -> AsyncIterator[FollowEvent]:
+        return self.store.follow(job_id)
+
     async def cancel(self, job_id: str) -> Job | None:
-        job = await cancel(self.store, job_id)
+        job = await runner.cancel(self.store, job_id)
         if job is not None:
             queued = await self.queue.job(job_id)
             if queued is not None:
@@ -129,6 +146,26 @@ class RemoteJobs:
         await self.store.aclose()
 
 
+async def enqueue_run(queue: RedisQueue, settings: Settings, job_id: str) -> None:
+    """Queue the job's run, under its id: saq keeps one queued run per job."""
+    await queue.enqueue(RUN, key=job_id, job_id=job_id, timeout=0, heartbeat=settings.job_heartbeat,
+                        retries=RETRIES)
+
+
+async def enqueue_delivery(queue: RedisQueue, settings: Settings, job: Job) -> None:
+    """Queue the job's next webhook attempt for when it is due, if one is.
+
+    Keyed by the attempt's number, so doing this twice (a run or an attempt done again after
+    its worker died) queues it once. saq schedules in whole seconds: rounded up, an attempt
+    is never early."""
+    due = job.delivery_due
+    if due is None:
+        return
+    scheduled = math.ceil(due) if due > time.time() else 0
+    await queue.enqueue(DELIVER, key=f"{job.id}:webhook:{len(job.deliveries) + 1}", job_id=job.id,
+                        scheduled=scheduled, timeout=0, heartbeat=settings.job_heartbeat, retries=RETRIES)
+
+
 class JobWorker(Worker[Any]):
     """saq's worker without its own signal handlers: inside ``tokenrelay serve`` the server
     owns SIGINT and SIGTERM and stops the worker from its lifespan."""
@@ -136,44 +173,72 @@ class JobWorker(Worker[Any]):
     SIGNALS = []
 
 
-def make_worker(settings: Settings, *, concurrency: int | None = None, signals: bool = False) -> Worker[Any]:
-    """A saq worker that runs tokenrelay's jobs, with its provider and webhook sender."""
+def make_worker(settings: Settings, *, concurrency: int | None = None, signals: bool = False,
+                provider: Provider | None = None) -> Worker[Any]:
+    """A saq worker that runs tokenrelay's jobs and sends their webhooks. Its provider is
+    ``provider`` (inside ``serve``: the serving one), or one built as ``serve`` builds it:
+    the model router, with its routes, retries and fallbacks."""
     assert settings.redis_url is not None
     queue = make_queue(settings)
     heartbeat = settings.job_heartbeat
 
     async def startup(ctx: dict[str, Any]) -> None:
         store = RedisJobStore(settings.redis_url or "")
-        ctx["jobs"] = JobContext(store=store, provider=ModelRouter(Router(settings)),
+        ctx["own_provider"] = provider is None
+        ctx["jobs"] = JobContext(store=store, provider=provider or ModelRouter(Router(settings)),
                                  deliverer=Deliverer(settings, store))
         log.info("worker %s: running jobs from %s (%s)", ctx["worker"].id, redis_label(settings.redis_url or ""),
-                 settings.upstream_label)
+                 describe_upstreams(settings))
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         jobs: JobContext | None = ctx.get("jobs")
         if jobs is not None:
             await jobs.deliverer.aclose()
-            await jobs.provider.aclose()
+            if ctx.get("own_provider"):
+                await jobs.provider.aclose()
             await jobs.store.aclose()
 
-    async def process_job(ctx: dict[str, Any], *, job_id: str) -> None:
-        beat = asyncio.create_task(_heartbeat(ctx["job"], heartbeat / 3))
-        try:
-            await process(ctx["jobs"], job_id)
-        finally:
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+    async def run_job(ctx: dict[str, Any], *, job_id: str) -> None:
+        async with _beating(ctx["job"], heartbeat / 3):
+            job = await runner.run(ctx["jobs"], job_id)
+            if job is not None:
+                await enqueue_delivery(ctx["worker"].queue, settings, job)
+
+    async def deliver_webhook(ctx: dict[str, Any], *, job_id: str) -> None:
+        async with _beating(ctx["job"], heartbeat / 3):
+            job = await runner.deliver(ctx["jobs"], job_id)
+            if job is not None:
+                await enqueue_delivery(ctx["worker"].queue, settings, job)
 
     return (Worker if signals else JobWorker)(
         queue,
-        functions=[(TASK, process_job)],
+        functions=[(RUN, run_job), (DELIVER, deliver_webhook)],
         concurrency=concurrency or settings.job_concurrency,
         startup=startup,
         shutdown=shutdown,
         # Look for jobs of dead workers as often as a heartbeat may be missed.
         timers=cast(PartialTimersDict, {"sweep": heartbeat, "abort": 1}),
     )
+
+
+def describe_upstreams(settings: Settings) -> str:
+    """Where this process's jobs get their answers, for its start-up log line."""
+    if settings.routes:
+        return "routes: " + ", ".join(f"{r.pattern} → {r.label} ({r.kind})" for r in settings.routes)
+    return "upstream: " + settings.upstream_label
+
+
+@contextlib.asynccontextmanager
+async def _beating(job: Any, interval: float) -> AsyncIterator[None]:
+    """saq's heartbeat for the job while the block runs: a silent job is taken to be its
+    dead worker's and is queued again."""
+    beat = asyncio.create_task(_heartbeat(job, interval))
+    try:
+        yield
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
 
 
 async def _heartbeat(job: Any, interval: float) -> None:

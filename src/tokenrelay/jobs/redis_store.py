@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from .model import ACTIVE, Job
-from .store import FollowEvent, apply, end_event
+from .model import Job
+from .store import Change, FollowEvent, replay
 
 JOB = "tokenrelay:job:"
 """JOB + id → the job's record (JSON)."""
@@ -49,10 +47,10 @@ class RedisJobStore:
         self._create = self.redis.register_script(_CREATE)
 
     async def create(self, job: Job) -> tuple[Job, bool]:
-        key = job["idempotency_key"] or ""
+        key = job.idempotency_key or ""
         existing = await self._create(
-            keys=[JOB + job["id"], JOB_KEY + key],
-            args=[orjson.dumps(job), "1" if key else "", job["id"], RECORD_TTL],
+            keys=[JOB + job.id, JOB_KEY + key],
+            args=[job.to_json(), "1" if key else "", job.id, RECORD_TTL],
         )
         if existing:
             earlier = await self.get(existing.decode())
@@ -62,11 +60,9 @@ class RedisJobStore:
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.redis.get(JOB + job_id)
-        return orjson.loads(raw) if raw else None
+        return Job.from_json(raw) if raw else None
 
-    async def update(self, job_id: str, *, expect: frozenset[str] | None = None,
-                     webhook: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                     **changes: Any) -> Job | None:
+    async def update(self, job_id: str, change: Change) -> Job | None:
         key = JOB + job_id
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -75,12 +71,11 @@ class RedisJobStore:
                     raw = await pipe.get(key)
                     if raw is None:
                         return None
-                    job = orjson.loads(raw)
-                    if expect is not None and job["status"] not in expect:
+                    job = change(Job.from_json(raw))
+                    if job is None:
                         return None
-                    job = apply(job, changes, webhook, delivery)
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, orjson.dumps(job), keepttl=True)
+                    pipe.set(key, job.to_json(), keepttl=True)
                     await pipe.execute()
                     return job
                 except WatchError:
@@ -95,6 +90,10 @@ class RedisJobStore:
 
     async def live_append(self, job_id: str, text: str) -> None:
         await self.redis.xadd(JOB_TEXT + job_id, {"t": text})
+
+    async def live_text(self, job_id: str) -> str:
+        entries = await self.redis.xrange(JOB_TEXT + job_id)
+        return "".join(fields[b"t"].decode() for _, fields in entries if b"t" in fields)
 
     async def live_end(self, job_id: str, event: FollowEvent) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -111,11 +110,10 @@ class RedisJobStore:
                 job = await self.get(job_id)
                 if job is None:
                     return
-                if job["status"] not in ACTIVE:  # ended, its stream expired (or never began)
+                if not job.status.active:  # ended, its stream expired (or never began)
                     if not sent:
-                        if job["result"] and job["result"]["text"]:
-                            yield FollowEvent("text", job["result"]["text"])
-                        yield end_event(job)
+                        async for event in replay(job):
+                            yield event
                     return
             reply = await self.redis.xread({stream: last}, count=512, block=self.block_ms)
             for _, entries in reply or []:

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import orjson
-
-from .model import ACTIVE, PENDING, Job
+from .model import Job, JobStatus, WebhookState
 
 T = TypeVar("T")
+
+Change = Callable[[Job], "Job | None"]
+"""A change to a job: the new record, or None to leave it as it is (it is in another state)."""
 
 
 class StoreBusy(Exception):
@@ -45,25 +46,29 @@ class FollowEvent:
     data: dict[str, Any] | None = None
 
 
+CANCELLED_EVENT = FollowEvent("error", data={"error": {"type": "job_cancelled", "message": "the job was cancelled"}})
+
+
 def end_event(job: Job) -> FollowEvent:
     """How an ended job's stream ends: ``done`` with finish reason and usage, or ``error``."""
-    if job["status"] == "succeeded":
-        result = job["result"] or {}
-        return FollowEvent("done", data={"finish_reason": result.get("finish_reason"), "usage": result.get("usage")})
-    error = job["error"] or {"type": "job_" + job["status"], "message": f"the job was {job['status']}"}
-    return FollowEvent("error", data={"error": error})
+    if job.status is JobStatus.SUCCEEDED:
+        result = job.result
+        return FollowEvent("done", data={"finish_reason": result and result.finish_reason,
+                                         "usage": result and result.usage})
+    if job.status is JobStatus.CANCELLED:
+        return CANCELLED_EVENT
+    error = job.error
+    if error is None:
+        return FollowEvent("error", data={"error": {"type": "job_" + job.status,
+                                                    "message": f"the job was {job.status}"}})
+    return FollowEvent("error", data={"error": {"type": error.type, "message": error.message}})
 
 
-def apply(job: Job, changes: dict[str, Any], webhook: dict[str, Any] | None,
-          delivery: dict[str, Any] | None) -> Job:
-    """The record after an update: top-level fields replaced, webhook fields merged, an
-    attempt appended."""
-    job = {**job, **changes}
-    if webhook and job.get("webhook"):
-        job["webhook"] = {**job["webhook"], **webhook}
-    if delivery is not None:
-        job["deliveries"] = [*job["deliveries"], delivery]
-    return job
+async def replay(job: Job) -> AsyncIterator[FollowEvent]:
+    """An ended job, followed: its whole text, then its end."""
+    if job.result is not None and job.result.text:
+        yield FollowEvent("text", job.result.text)
+    yield end_event(job)
 
 
 class JobStore(Protocol):
@@ -73,11 +78,9 @@ class JobStore(Protocol):
 
     async def get(self, job_id: str) -> Job | None: ...
 
-    async def update(self, job_id: str, *, expect: frozenset[str] | None = None,
-                     webhook: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                     **changes: Any) -> Job | None:
-        """Change a job atomically, only if its status is in ``expect``; the new record, or
-        None when the job is missing or in another status."""
+    async def update(self, job_id: str, change: Change) -> Job | None:
+        """Apply ``change`` to the job atomically; the new record, or None when the job is
+        missing or ``change`` left it as it was."""
         ...
 
     async def live_start(self, job_id: str) -> None:
@@ -85,6 +88,10 @@ class JobStore(Protocol):
         ...
 
     async def live_append(self, job_id: str, text: str) -> None: ...
+
+    async def live_text(self, job_id: str) -> str:
+        """What the current run has written so far."""
+        ...
 
     async def live_end(self, job_id: str, event: FollowEvent) -> None: ...
 
@@ -147,16 +154,15 @@ class SQLiteJobStore:
         def insert(db: sqlite3.Connection) -> tuple[Job, bool]:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                if job["idempotency_key"] is not None:
+                if job.idempotency_key is not None:
                     row = db.execute("SELECT record FROM jobs WHERE idempotency_key = ?",
-                                     (job["idempotency_key"],)).fetchone()
+                                     (job.idempotency_key,)).fetchone()
                     if row is not None:
-                        return orjson.loads(row[0]), False
+                        return Job.from_json(row[0]), False
                 db.execute(
                     "INSERT INTO jobs (id, idempotency_key, status, delivery, created, record)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job["id"], job["idempotency_key"], job["status"], _delivery(job), job["created_at"],
-                     orjson.dumps(job)),
+                    (job.id, job.idempotency_key, job.status, _delivery(job), job.created_at, job.to_json()),
                 )
             return job, True
 
@@ -165,37 +171,34 @@ class SQLiteJobStore:
     async def get(self, job_id: str) -> Job | None:
         def select(db: sqlite3.Connection) -> Job | None:
             row = db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return orjson.loads(row[0]) if row else None
+            return Job.from_json(row[0]) if row else None
 
         return await self._run(select)
 
-    async def update(self, job_id: str, *, expect: frozenset[str] | None = None,
-                     webhook: dict[str, Any] | None = None, delivery: dict[str, Any] | None = None,
-                     **changes: Any) -> Job | None:
+    async def update(self, job_id: str, change: Change) -> Job | None:
         def write(db: sqlite3.Connection) -> Job | None:
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 row = db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is None:
                     return None
-                job = orjson.loads(row[0])
-                if expect is not None and job["status"] not in expect:
+                job = change(Job.from_json(row[0]))
+                if job is None:
                     return None
-                job = apply(job, changes, webhook, delivery)
                 db.execute("UPDATE jobs SET status = ?, delivery = ?, record = ? WHERE id = ?",
-                           (job["status"], _delivery(job), orjson.dumps(job), job_id))
+                           (job.status, _delivery(job), job.to_json(), job_id))
             return job
 
         return await self._run(write)
 
-    async def unfinished(self) -> list[str]:
+    async def unfinished(self) -> list[Job]:
         """Jobs that were queued or running, or had a webhook to send, when a process stopped."""
-        def select(db: sqlite3.Connection) -> list[str]:
+        def select(db: sqlite3.Connection) -> list[Job]:
             rows = db.execute(
-                "SELECT id FROM jobs WHERE status IN (?, ?) OR delivery = ? ORDER BY created",
-                (*sorted(ACTIVE), PENDING),
+                "SELECT record FROM jobs WHERE status IN (?, ?) OR delivery = ? ORDER BY created",
+                (JobStatus.QUEUED, JobStatus.RUNNING, WebhookState.PENDING),
             ).fetchall()
-            return [row[0] for row in rows]
+            return [Job.from_json(row[0]) for row in rows]
 
         return await self._run(select)
 
@@ -214,6 +217,10 @@ class SQLiteJobStore:
             feed.pieces.append(text)
             feed.notify()
 
+    async def live_text(self, job_id: str) -> str:
+        feed = self._feeds.get(job_id)
+        return "".join(feed.pieces) if feed is not None else ""
+
     async def live_end(self, job_id: str, event: FollowEvent) -> None:
         feed = self._feeds.pop(job_id, None)
         if feed is not None:
@@ -230,13 +237,12 @@ class SQLiteJobStore:
             job = await self.get(job_id)
             if job is None:
                 return
-            if job["status"] in ACTIVE:  # queued but not watched yet: wait for it here
+            if job.status.active:  # queued but not watched yet: wait for it here
                 self.watch(job_id)
                 feed = self._feeds[job_id]
             else:
-                if job["result"] and job["result"]["text"]:
-                    yield FollowEvent("text", job["result"]["text"])
-                yield end_event(job)
+                async for event in replay(job):
+                    yield event
                 return
         sent = 0
         while True:
@@ -273,5 +279,4 @@ class SQLiteJobStore:
 
 
 def _delivery(job: Job) -> str | None:
-    hook = job.get("webhook")
-    return hook["state"] if hook else None
+    return job.webhook.state if job.webhook else None

@@ -7,8 +7,11 @@ when the job is created and kept in its record), so a receiver de-duplicates on 
 
 An attempt fails on a network error, a timeout or any status but 2xx (redirects are not
 followed: a 3xx is a failure). Failed attempts are retried after an exponential backoff with
-jitter; each is recorded on the job, and the time of the next one too, so a restarted
-process resumes the schedule instead of starting it over.
+jitter; each is recorded on the job, and the time of the next one too. ``Deliverer.attempt``
+makes one attempt and never waits for the next: the next is a scheduled item (a saq job
+with ``scheduled=``, or the local loop's timer, ``jobs.local``), so a receiver that is down
+holds no job slot while its retries wait, and a restarted process resumes the schedule
+instead of starting it over.
 
 The URL is checked at every attempt against the addresses its name resolves to then, and the
 request goes to the address that was checked (the name still in ``Host`` and TLS SNI), so a
@@ -24,7 +27,7 @@ import logging
 import random
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,7 +38,7 @@ from standardwebhooks.webhooks import Webhook
 
 from ..config import Settings
 from ..errors import ValidationFailed
-from .model import DELIVERED, PENDING, UNDELIVERED, Job, iso, payload
+from .model import Attempt, Job, WebhookState, iso
 from .store import JobStore
 
 log = logging.getLogger("tokenrelay.webhooks")
@@ -109,25 +112,8 @@ def backoff(attempt: int, *, base: float, cap: float) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    attempt: int
-    at: str
-    status_code: int | None
-    duration_ms: int
-    error: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"attempt": self.attempt, "at": self.at, "status_code": self.status_code,
-                "duration_ms": self.duration_ms, "error": self.error}
-
-
 class Deliverer:
-    """Sends a job's webhook until it is delivered or the attempts run out."""
+    """Makes a job's webhook attempts and records each on the job."""
 
     def __init__(self, settings: Settings, store: JobStore) -> None:
         secret = settings.webhook_secret
@@ -145,9 +131,9 @@ class Deliverer:
         await self.client.aclose()
 
     def headers(self, job: Job, body: bytes) -> dict[str, str]:
-        assert self.signer is not None
+        assert self.signer is not None and job.webhook is not None
         at = datetime.now(tz=UTC)
-        msg_id = job["webhook"]["id"]
+        msg_id = job.webhook.id
         return {
             "content-type": "application/json",
             "webhook-id": msg_id,
@@ -155,10 +141,11 @@ class Deliverer:
             "webhook-signature": self.signer.sign(msg_id, at, body.decode()),
         }
 
-    async def attempt(self, job: Job, number: int) -> tuple[Attempt, bool]:
-        """One attempt; the record, and whether a failure is permanent."""
-        url = job["webhook"]["url"]
-        body = orjson.dumps(payload(job))
+    async def send(self, job: Job, number: int) -> tuple[Attempt, bool]:
+        """One request; its record, and whether a failure is permanent."""
+        assert job.webhook is not None
+        url = job.webhook.url
+        body = orjson.dumps(job.payload())
         started = time.perf_counter()
         at = iso(time.time())
         status: int | None = None
@@ -187,34 +174,36 @@ class Deliverer:
         duration = int((time.perf_counter() - started) * 1000)
         return Attempt(number, at, status, duration, error), permanent
 
-    async def deliver(self, job: Job) -> Job:
-        """Attempt until delivered or out of attempts, resuming the recorded schedule."""
+    async def attempt(self, job: Job) -> Job:
+        """One attempt at a pending webhook, recorded with what follows it: delivered,
+        failed for good, or the time the next attempt is due (``job.delivery_due``)."""
+        hook = job.webhook
+        if hook is None or hook.state is not WebhookState.PENDING:
+            return job
+        number = len(job.deliveries) + 1
+
+        def record(attempt: Attempt | None, state: WebhookState, due: float = 0.0) -> Callable[[Job], Job | None]:
+            # Only onto the record this attempt was made from: a duplicate run of the same
+            # attempt (at-least-once queues) does not log it twice.
+            def change(current: Job) -> Job | None:
+                if current.delivery_due is None or len(current.deliveries) != number - 1:
+                    return None
+                return current.attempted(attempt, state, due)
+            return change
+
         if self.signer is None:
-            log.error("job %s: webhook not sent: TOKENRELAY_WEBHOOK_SECRET is not set", job["id"])
-            updated = await self.store.update(job["id"], webhook={"state": UNDELIVERED})
-            return updated or job
+            log.error("job %s: webhook not sent: TOKENRELAY_WEBHOOK_SECRET is not set", job.id)
+            return await self.store.update(job.id, record(None, WebhookState.FAILED)) or job
         settings = self.settings
-        while job["webhook"]["state"] == PENDING:
-            wait = float(job["webhook"]["next_attempt_at"]) - time.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            number = len(job["deliveries"]) + 1
-            result, permanent = await self.attempt(job, number)
-            if result.ok:
-                changes: dict[str, Any] = {"state": DELIVERED}
-                log.info("job %s: webhook %s delivered (attempt %d, %d)", job["id"], job["webhook"]["id"],
-                         number, result.status_code)
-            elif permanent or number >= settings.webhook_max_attempts:
-                changes = {"state": UNDELIVERED}
-                log.warning("job %s: webhook %s given up after attempt %d: %s", job["id"],
-                            job["webhook"]["id"], number, result.error)
-            else:
-                delay = backoff(number, base=settings.webhook_backoff, cap=settings.webhook_backoff_max)
-                changes = {"next_attempt_at": time.time() + delay}
-                log.info("job %s: webhook attempt %d failed (%s); next in %.2f s", job["id"], number,
-                         result.error, delay)
-            updated = await self.store.update(job["id"], webhook=changes, delivery=result.to_dict())
-            if updated is None:
-                break
-            job = updated
-        return job
+        result, permanent = await self.send(job, number)
+        if result.ok:
+            change = record(result, WebhookState.DELIVERED)
+            log.info("job %s: webhook %s delivered (attempt %d, %d)", job.id, hook.id, number, result.status_code)
+        elif permanent or number >= settings.webhook_max_attempts:
+            change = record(result, WebhookState.FAILED)
+            log.warning("job %s: webhook %s given up after attempt %d: %s", job.id, hook.id, number, result.error)
+        else:
+            delay = backoff(number, base=settings.webhook_backoff, cap=settings.webhook_backoff_max)
+            change = record(result, WebhookState.PENDING, time.time() + delay)
+            log.info("job %s: webhook attempt %d failed (%s); next in %.2f s", job.id, number, result.error, delay)
+        return await self.store.update(job.id, change) or await self.store.get(job.id) or job

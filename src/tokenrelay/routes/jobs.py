@@ -6,33 +6,35 @@
     GET    /api/jobs/{id}/stream  SSE: what the job has written so far, then live, then
                                   event: done or event: error
 
-The backend (``app.state.jobs``) is ``LocalJobs`` (SQLite, run in this process) or
-``RemoteJobs`` (Redis, run by ``tokenrelay worker``); both have ``store``, ``submit`` and
-``cancel``.
+The backend (``app.state.jobs``) is a ``jobs.backend.JobBackend``: ``LocalJobs`` (SQLite,
+run in this process) or ``RemoteJobs`` (Redis, run by ``tokenrelay worker``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import orjson
 from pydantic import Field
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from ..errors import BadRequest, Conflict, NotFound, ServiceUnavailable, TokenrelayError, ValidationFailed
-from ..jobs.model import new_job, public
+from ..jobs.backend import JobBackend
+from ..jobs.model import Job, new_job
 from ..jobs.runner import close
 from ..jobs.store import FollowEvent
 from ..jobs.webhooks import check_url_syntax
+from ..logs import request_id
 from ..schemas import ChatRequest, parse_model
+from ..state import app_state
 from ..streaming import sse
+from ..streaming.response import StreamResponse, body_of
+from .endpoint import Endpoint
 from .request_body import read_json_body
 
 log = logging.getLogger("tokenrelay.jobs")
@@ -54,26 +56,24 @@ class IdempotencyKeyReused(ValidationFailed):
 
 
 @contextlib.contextmanager
-def _reaching(jobs: Any) -> Iterator[None]:
+def _reaching(jobs: JobBackend) -> Iterator[None]:
     """Redis errors become a 503 that says so, at the boundary (errors.py)."""
     try:
         yield
     except RedisError as exc:
-        where = getattr(jobs, "label", "Redis")
-        raise ServiceUnavailable(f"jobs are unavailable: {where} does not answer ({exc})") from None
+        raise ServiceUnavailable(f"jobs are unavailable: {jobs.label} does not answer ({exc})") from None
 
 
-def _jobs(request: Request) -> Any:
-    jobs = getattr(request.app.state, "jobs", None)
-    if jobs is None:
-        reason = getattr(request.app.state, "jobs_unavailable", "jobs are not available")
-        raise ServiceUnavailable(reason)
-    return jobs
+def _jobs(request: Request) -> JobBackend:
+    state = app_state(request)
+    if state.jobs is None:
+        raise ServiceUnavailable(state.jobs_unavailable or "jobs are not available")
+    return state.jobs
 
 
 async def create_job(request: Request) -> Response:
     jobs = _jobs(request)
-    settings = request.app.state.settings
+    settings = app_state(request).settings
     body = parse_model(JobRequest, await read_json_body(request, settings.max_body_bytes))
     model = body.model or settings.default_model
     if model is None:
@@ -94,21 +94,21 @@ async def create_job(request: Request) -> Response:
     with _reaching(jobs):
         job, created = await jobs.submit(new_job(request=chat, model=model, webhook_url=body.webhook_url,
                                                  idempotency_key=key, body_hash=body_hash))
-    if not created and job["body_hash"] != body_hash:
+    if not created and job.body_hash != body_hash:
         raise IdempotencyKeyReused(
-            f"Idempotency-Key {key!r} was used for job {job['id']} with another body; use a new key for a new job"
+            f"Idempotency-Key {key!r} was used for job {job.id} with another body; use a new key for a new job"
         )
-    headers = {"location": f"/api/jobs/{job['id']}"}
+    headers = {"location": f"/api/jobs/{job.id}"}
     if not created:
         headers["idempotent-replayed"] = "true"
-    return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202, headers=headers)
+    return JSONResponse({"id": job.id, "status": job.status}, status_code=202, headers=headers)
 
 
-async def _get(request: Request) -> tuple[Any, dict[str, Any]]:
+async def _get(request: Request) -> tuple[JobBackend, Job]:
     jobs = _jobs(request)
     job_id = request.path_params["job_id"]
     with _reaching(jobs):
-        job = await jobs.store.get(job_id)
+        job = await jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}")
     return jobs, job
@@ -116,72 +116,54 @@ async def _get(request: Request) -> tuple[Any, dict[str, Any]]:
 
 async def get_job(request: Request) -> Response:
     _, job = await _get(request)
-    return JSONResponse(public(job))
+    return JSONResponse(job.public())
 
 
 async def delete_job(request: Request) -> Response:
     jobs, job = await _get(request)
     with _reaching(jobs):
-        cancelled = await jobs.cancel(job["id"])
+        cancelled = await jobs.cancel(job.id)
         if cancelled is None:
-            job = await jobs.store.get(job["id"]) or job
+            job = await jobs.get(job.id) or job
     if cancelled is None:
-        raise Conflict(f"job {job['id']} has already {job['status']}; only queued or running jobs can be cancelled")
-    return JSONResponse(public(cancelled))
+        raise Conflict(f"job {job.id} has already {job.status}; only queued or running jobs can be cancelled")
+    return JSONResponse(cancelled.public())
 
 
-async def stream_job(request: Request) -> Response:
+@Endpoint
+async def stream_job(request: Request) -> StreamResponse:
     jobs, job = await _get(request)
-    heartbeat = request.app.state.settings.heartbeat_interval
-    return StreamingResponse(
-        _sse(jobs.store.follow(job["id"]), job_id=job["id"], model=job["model"], heartbeat=heartbeat),
-        media_type="text/event-stream; charset=utf-8",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
+    settings = app_state(request).settings
+    headers = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache, no-transform"),
+        (b"x-accel-buffering", b"no"),
+        (b"x-request-id", request_id.get().encode()),
+    ]
+    return StreamResponse(body_of(_sse(jobs.follow(job.id), job_id=job.id, model=job.model)), headers=headers,
+                          ping=sse.PING, heartbeat=settings.heartbeat_interval, send_timeout=settings.send_timeout)
 
 
-async def _sse(events: AsyncIterator[FollowEvent], *, job_id: str, model: str,
-               heartbeat: float) -> AsyncIterator[bytes]:
-    """The job's events in tokenrelay's SSE format (``streaming.sse``), a ping in silences.
-
-    The follower runs in its own task feeding a queue, so waiting for the next event can
-    time out for a ping without cancelling the follower midway."""
-    queue: asyncio.Queue[FollowEvent | None] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            try:
-                async for event in events:
-                    queue.put_nowait(event)
-            finally:
-                await close(events)
-        except Exception as exc:  # noqa: BLE001  # e.g. Redis gone: say so in-band, the status is sent
-            log.warning("job %s: following failed: %s", job_id, exc)
-            queue.put_nowait(FollowEvent("error", data=TokenrelayError(f"following the job failed: {exc}").to_dict()))
-        queue.put_nowait(None)
-
-    task = asyncio.create_task(pump())
+async def _sse(events: AsyncIterator[FollowEvent], *, job_id: str, model: str) -> AsyncGenerator[bytes, None]:
+    """The job's events in tokenrelay's SSE format (``streaming.sse``); the response sends
+    the pings in silences."""
     try:
         yield sse.start(job_id, model)
         seq = 0
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), heartbeat)
-            except TimeoutError:
-                yield sse.PING
-                continue
-            if event is None:
-                yield sse.error(TokenrelayError("the job's stream ended before the job did"))
-                return
+        async for event in events:
             if event.kind == "text":
                 seq += 1
                 yield sse.delta(seq, event.text)
             elif event.kind == "done":
-                data = event.data or {}
-                yield b"event: done\ndata: " + orjson.dumps(data) + b"\n\n"
+                yield sse.event(b"done", event.data or {})
                 return
             else:
-                yield b"event: error\ndata: " + orjson.dumps(event.data) + b"\n\n"
+                yield sse.event(b"error", event.data or {})
                 return
+    except Exception as exc:  # noqa: BLE001  # e.g. Redis gone: say so in-band, the status is sent
+        log.warning("job %s: following failed: %s", job_id, exc)
+        yield sse.error(TokenrelayError(f"following the job failed: {exc}"))
+        return
     finally:
-        task.cancel()
+        await close(events)
+    yield sse.error(TokenrelayError("the job's stream ended before the job did"))

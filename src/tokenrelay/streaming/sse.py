@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from ..errors import TokenrelayError
@@ -27,9 +29,13 @@ def delta(seq: int, text: str) -> bytes:
 
 
 def done(finish_reason: str | None, usage: Usage | None) -> bytes:
-    body = {"finish_reason": finish_reason, "usage": usage.to_dict() if usage else None}
-    return b"event: done\ndata: " + orjson.dumps(body) + b"\n\n"
+    return event(b"done", {"finish_reason": finish_reason, "usage": usage.to_dict() if usage else None})
 
 
 def error(exc: TokenrelayError) -> bytes:
     return b"event: error\ndata: " + exc.body() + b"\n\n"
+
+
+def event(name: bytes, data: dict[str, Any]) -> bytes:
+    """A named event whose data is a JSON object (a job's ``done`` carries its own fields)."""
+    return b"event: " + name + b"\ndata: " + orjson.dumps(data) + b"\n\n"
