@@ -169,8 +169,10 @@ def create_app(settings: Settings) -> Starlette:
         # One provider that routes by model, for code written for a single provider.
         app.state.provider = ModelRouter(app.state.router)
         if settings.routes:
-            for upstream in app.state.router.upstreams:
-                log.info("route %s → %s (%s)", upstream.pattern, upstream.name, upstream.kind)
+            from .upstreams import upstream_views
+
+            for view in upstream_views(settings):
+                log.info("route %s", view.route_line())
         elif settings.simulated:
             log.warning(
                 "no upstream configured (TOKENRELAY_UPSTREAM_URL): answers come from the built-in simulator"

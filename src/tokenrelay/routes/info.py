@@ -6,15 +6,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .. import __version__
+from ..upstreams import configured_model, is_simulated, upstream_summary, upstream_views
 
 
 async def info(request: Request) -> JSONResponse:
     settings = request.app.state.settings
     return JSONResponse(
         {
-            "upstream": settings.upstream_label,
-            "simulated": settings.simulated,
-            "model": settings.default_model,
+            "upstream": upstream_summary(settings),
+            # Each route's upstream (one entry without routes), so the page and `ask` can say
+            # which one answers a model: name, kind, pattern, URL without credentials.
+            "upstreams": [view.to_dict() for view in upstream_views(settings)],
+            "routed": bool(settings.routes),
+            "simulated": is_simulated(settings),
+            # None with routes and no TOKENRELAY_MODEL: clients pick from GET /v1/models.
+            "model": configured_model(settings),
             "version": __version__,
             # Public, so the page knows to ask for a key before its first request.
             "auth_required": bool(request.app.state.keys),
