@@ -9,7 +9,9 @@ those upstreams, and a question asked without a model must be answered by a list
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,14 @@ def test_page_offers_the_listed_models_and_gets_answers(browser: Browser, routed
 
         page.fill("#model", "llama-custom")  # a name the list leaves out
         expect(picker).to_have_value("")
+
+        # Left empty with no default on the server: the first listed, as the help text says.
+        page.fill("#model", "")
+        page.fill("#prompt", "with the box left empty")
+        page.click("#send")
+        expect(answers).to_have_count(3)
+        expect(answers.last).to_have_attribute("data-state", "done")
+        assert bodies[-1]["model"] == "gpt-4o-mini"
         assert SECRET not in page.content()
         assert errors == []
     finally:
@@ -212,3 +222,29 @@ def test_readyz_checks_every_route_and_names_the_one_down(log_dir: Path, sim_ser
         assert [u["status"] for u in response.json()["upstreams"]] == ["ready", "ready", "ready"]
     finally:
         healthy.stop()
+
+
+def test_readyz_checks_the_routes_at_once_each_within_its_timeout(log_dir: Path) -> None:
+    # Two upstreams that accept the connection and never answer: checked one after the
+    # other, /readyz would take two check timeouts (2 s each).
+    from tokenrelay.routes.health import CHECK_TIMEOUT
+
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        routes = [{"name": f"silent-{i}", "pattern": f"m{i}-*", "url": f"http://127.0.0.1:{s.getsockname()[1]}/v1"}
+                  for i, s in enumerate(silent)]
+        relay = start_serve(log_dir, routes)
+        try:
+            started = time.monotonic()
+            response = httpx.get(relay.url + "/readyz", timeout=10)
+            took = time.monotonic() - started
+            assert response.status_code == 503
+            reason = response.json()["reason"]
+            assert "silent-0 (" in reason and "silent-1 (" in reason
+            assert f"did not answer GET /models within {CHECK_TIMEOUT:g} s" in reason
+            assert CHECK_TIMEOUT <= took < 2 * CHECK_TIMEOUT, f"{took:.2f} s"
+        finally:
+            relay.stop()
+    finally:
+        for sock in silent:
+            sock.close()

@@ -291,6 +291,15 @@
     describeModelChoice();
   }
 
+  /**
+   * The model of a question asked with the box left empty: none (the server's default
+   * answers) when the server has one, else the first listed, as the help text says.
+   */
+  function fallbackModel() {
+    const hasDefault = serverInfo && typeof serverInfo.model === "string" && serverInfo.model;
+    return hasDefault ? "" : listedModels[0] || "";
+  }
+
   /** The picker shows the name in the box, or "other" for a name it does not list. */
   function syncModelList() {
     const name = ui.model.value.trim();
@@ -305,7 +314,7 @@
       help = "Pick one of the " + (n === 1 ? "model" : n + " models") + " this server lists, or type another name";
       help += fallback
         ? "; left empty, the server's default (" + fallback + ") answers."
-        : "; the server has no default model, so the first listed is picked for you.";
+        : "; the server has no default model, so left empty, the first listed answers.";
     } else if (fallback) {
       help = "Leave empty to use the server's default model (" + fallback + ").";
     } else if (serverInfo) {
@@ -495,7 +504,7 @@
       ui.prompt.focus();
       return;
     }
-    const model = ui.model.value.trim();
+    const model = ui.model.value.trim() || fallbackModel();
 
     const userMsg = { role: "user", content: prompt };
     const messages = history.concat([userMsg]);
