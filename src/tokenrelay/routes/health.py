@@ -119,19 +119,21 @@ async def _answers_models(kind: str, url: str, key: str | None, timeout: float) 
     """For a provider without a check of its own: ``GET {url}/models`` with its key, judged
     as ``OpenAICompatible.check_ready`` judges it (a 404 is an upstream that is up)."""
     headers: dict[str, str] = {}
-    if key and kind == "anthropic":
+    if kind == "anthropic":
         from ..providers.anthropic import API_VERSION
 
-        headers = {"x-api-key": key, "anthropic-version": API_VERSION}
+        headers["anthropic-version"] = API_VERSION
+        if key:
+            headers["x-api-key"] = key
     elif key:
-        headers = {"authorization": f"Bearer {key}"}
+        headers["authorization"] = f"Bearer {key}"
     try:
         async with httpx.AsyncClient(timeout=timeout) as client:
             response = await client.get(url.rstrip("/") + "/models", headers=headers)
     except httpx.TimeoutException:
         return f"upstream did not answer GET /models within {timeout:g} s"
     except httpx.HTTPError as exc:
-        return f"cannot reach upstream: {exc or type(exc).__name__}"
+        return f"cannot reach upstream: {str(exc) or type(exc).__name__}"
     if response.status_code >= 500 or response.status_code in (401, 403):
         return f"upstream answered GET /models with {response.status_code}"
     return None
