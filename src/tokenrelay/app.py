@@ -33,6 +33,7 @@ from .routes.probe import probe
 from .routes.stream import get_response
 from .routing import ModelRouter, Router
 from .state import AppState
+from .upstreams import upstream_views
 
 log = logging.getLogger("tokenrelay")
 WEB_DIR = resources.files("tokenrelay") / "web"
@@ -58,8 +59,8 @@ def create_app(settings: Settings) -> Starlette:
         state.router = Router(settings)
         state.provider = ModelRouter(state.router)
         if settings.routes:
-            for upstream in state.router.upstreams:
-                log.info("route %s → %s (%s)", upstream.pattern, upstream.name, upstream.kind)
+            for view in upstream_views(settings):
+                log.info("route %s", view.route_line())
         elif settings.simulated:
             log.warning(
                 "no upstream configured (TOKENRELAY_UPSTREAM_URL): answers come from the built-in simulator"

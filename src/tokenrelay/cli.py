@@ -114,8 +114,10 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
     settings = _settings(config, host=host, port=port, log_level=log_level, log_json=log_json)
     setup_logging(settings.log_level, json=settings.log_json)
     label = f" in {workers} processes" if workers > 1 else ""
-    click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/{label}  (upstream: {settings.upstream_label})",
-               err=True)
+    from .upstreams import upstream_summary
+
+    answers = f"{'routes' if settings.routes else 'upstream'}: {upstream_summary(settings)}"
+    click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/{label}  ({answers})", err=True)
     limited = settings.max_concurrent_streams_per_key or settings.requests_per_minute_per_key
     if workers > 1 and limited and not settings.redis_url:
         click.echo(f"warning: each of the {workers} processes counts the per-key limits on its own; "
@@ -337,11 +339,20 @@ def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose
              key: str | None) -> None:
     import httpx
 
-    from .ask import AskFailed
+    from .ask import AskFailed, choose_model
     from .jobs import client
 
     if webhook_url:
         body["webhook_url"] = webhook_url
+    if "model" not in body:  # as a streamed ask: the service's default, else the first model it lists
+        try:
+            choice = choose_model(url, key=key)
+        except AskFailed as exc:
+            raise click.ClickException(str(exc)) from None
+        if choice.model is not None:
+            body["model"] = choice.model
+        if choice.note:
+            click.echo(choice.note, err=True)
     tty = sys.stderr.isatty()
 
     def progress(status: str, elapsed: float, frame: str) -> None:

@@ -346,6 +346,10 @@ class Settings(BaseSettings):
 
     @property
     def default_model(self) -> str | None:
+        """The model a request without one gets. With routes, only ``model`` counts: the routes
+        need not serve the simulator's ``sim`` at all."""
+        if self.routes:
+            return self.model
         return self.model or ("sim" if self.simulated else None)
 
     @property

@@ -164,8 +164,11 @@
   let active = null;
 
   // ---------------------------------------------------------------------
-  // Header: which upstream answers
+  // Header: which upstreams answer
   // ---------------------------------------------------------------------
+
+  /** What /api/info said; the model picker needs its default model. */
+  let serverInfo = null;
 
   async function loadInfo() {
     const label = ui.upstream;
@@ -173,22 +176,28 @@
       const res = await fetch("/api/info", { headers: { Accept: "application/json" } });
       if (!res.ok) throw new Error("HTTP " + res.status);
       const info = await res.json();
+      serverInfo = info;
       const model = typeof info.model === "string" ? info.model : "";
       if (model && !ui.model.value) ui.model.value = model;
 
       label.textContent = "";
       label.dataset.simulated = info.simulated ? "true" : "false";
-      if (info.simulated) {
+      label.dataset.routed = info.routed ? "true" : "false";
+      const upstreams = Array.isArray(info.upstreams) ? info.upstreams : [];
+      if (info.simulated && !info.routed) {
         label.append(el("strong", "upstream-name", "Simulator — no model API configured"));
         label.append(el("span", "upstream-note",
           " Answers come from the built-in simulator, not a real model."));
+      } else if (info.routed && upstreams.length > 0) {
+        label.append(el("span", "upstream-kind", "Routes: "));
+        label.append(routeList(upstreams));
       } else {
         label.append(el("span", "upstream-kind", "Upstream: "));
         label.append(el("strong", "upstream-name", info.upstream || "unknown"));
-        if (model) {
-          label.append(el("span", "upstream-kind", " · model "));
-          label.append(el("strong", "upstream-model", model));
-        }
+      }
+      if (model && !(info.simulated && !info.routed)) {
+        label.append(el("span", "upstream-kind", info.routed ? " · default model " : " · model "));
+        label.append(el("strong", "upstream-model", model));
       }
       if (info.version) {
         ui.version.textContent = "v" + info.version;
@@ -199,6 +208,122 @@
       label.dataset.simulated = "unknown";
       label.textContent = "Upstream unknown (could not load /api/info: " + err.message + ")";
     }
+    describeModelChoice();
+  }
+
+  /**
+   * The routes as "pattern → name (kind, URL)", first match first. Names and URLs
+   * come from the server's settings, but still only ever as text.
+   */
+  function routeList(upstreams) {
+    const list = el("span", "route-list");
+    list.setAttribute("role", "list");
+    for (const u of upstreams) {
+      const name = String(u.name || "?");
+      const pattern = String(u.pattern || "");
+      const item = el("span", "route");
+      item.setAttribute("role", "listitem");
+      item.dataset.route = name;
+      if (pattern && pattern !== name) {
+        item.append(el("span", "route-pattern", pattern));
+        item.append(document.createTextNode(" → "));
+      }
+      item.append(el("strong", "upstream-name", name));
+      if (u.kind === "simulator") {
+        item.append(document.createTextNode(" (built-in simulator)"));
+      } else {
+        item.append(document.createTextNode(" (" + String(u.kind || "?") + (u.url ? ", " : "")));
+        if (u.url) item.append(el("span", "route-url", u.url));
+        item.append(document.createTextNode(")"));
+      }
+      list.append(item);
+    }
+    return list;
+  }
+
+  // ---------------------------------------------------------------------
+  // Model picker: the models GET /v1/models lists, beside a free name box
+  // ---------------------------------------------------------------------
+
+  /** Model names the server lists, in its order; empty until (or unless) known. */
+  let listedModels = [];
+
+  async function loadModels() {
+    let models = [];
+    try {
+      const res = await fetch("/v1/models", { headers: { Accept: "application/json", ...authHeaders() } });
+      if (!res.ok) throw new Error("HTTP " + res.status);
+      const body = await res.json();
+      models = (Array.isArray(body.data) ? body.data : [])
+        .filter((m) => m && typeof m.id === "string" && m.id)
+        .map((m) => ({ id: m.id, owner: typeof m.owned_by === "string" ? m.owned_by : "" }));
+    } catch (err) {
+      // Unlisted (e.g. a key is needed first): the name box alone still works.
+      models = [];
+    }
+    fillModelList(models);
+  }
+
+  function fillModelList(models) {
+    const list = ui.modelList;
+    listedModels = models.map((m) => m.id);
+    list.textContent = "";
+    if (models.length === 0) {
+      list.hidden = true;
+      describeModelChoice();
+      return;
+    }
+    const other = el("option", null, "other (type a name)");
+    other.value = "";
+    for (const m of models) {
+      // Option text is set as text: a model name is never parsed as HTML.
+      const option = el("option", null, m.owner && m.owner !== m.id ? m.id + " — " + m.owner : m.id);
+      option.value = m.id;
+      list.append(option);
+    }
+    list.append(other);
+    list.hidden = false;
+    if (!ui.model.value.trim()) {
+      // The server's default when it has one (already in the box), else the first listed.
+      ui.model.value = listedModels[0];
+    }
+    syncModelList();
+    describeModelChoice();
+  }
+
+  /**
+   * The model of a question asked with the box left empty: none (the server's default
+   * answers) when the server has one, else the first listed, as the help text says.
+   */
+  function fallbackModel() {
+    const hasDefault = serverInfo && typeof serverInfo.model === "string" && serverInfo.model;
+    return hasDefault ? "" : listedModels[0] || "";
+  }
+
+  /** The picker shows the name in the box, or "other" for a name it does not list. */
+  function syncModelList() {
+    const name = ui.model.value.trim();
+    ui.modelList.value = listedModels.includes(name) ? name : "";
+  }
+
+  function describeModelChoice() {
+    const fallback = serverInfo && typeof serverInfo.model === "string" ? serverInfo.model : "";
+    const n = listedModels.length;
+    let help;
+    if (n > 0) {
+      help = "Pick one of the " + (n === 1 ? "model" : n + " models") + " this server lists, or type another name";
+      help += fallback
+        ? "; left empty, the server's default (" + fallback + ") answers."
+        : "; the server has no default model, so left empty, the first listed answers.";
+    } else if (fallback) {
+      help = "Leave empty to use the server's default model (" + fallback + ").";
+    } else if (serverInfo) {
+      help = "Type a model name: this server has no default model.";
+    } else {
+      help = "Leave empty to use the server's default model.";
+    }
+    ui.modelHelp.textContent = help;
+    ui.model.placeholder = fallback || !serverInfo ? "server default" : "model name";
   }
 
   // ---------------------------------------------------------------------
@@ -379,7 +504,7 @@
       ui.prompt.focus();
       return;
     }
-    const model = ui.model.value.trim();
+    const model = ui.model.value.trim() || fallbackModel();
 
     const userMsg = { role: "user", content: prompt };
     const messages = history.concat([userMsg]);
@@ -555,6 +680,8 @@
     ui.form = $("#composer");
     ui.prompt = $("#prompt");
     ui.model = $("#model");
+    ui.modelList = $("#model-list");
+    ui.modelHelp = $("#model-help");
     ui.send = $("#send");
     ui.stop = $("#stop");
     ui.keyField = $("#key-field");
@@ -568,6 +695,18 @@
     ui.apiKey.addEventListener("input", () => {
       sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value.trim());
     });
+    // /v1/models needs the key on a server that requires one: list once it is given.
+    ui.apiKey.addEventListener("change", () => {
+      if (listedModels.length === 0) loadModels();
+    });
+    ui.modelList.addEventListener("change", () => {
+      if (ui.modelList.value) {
+        ui.model.value = ui.modelList.value;
+      } else {
+        ui.model.select();
+      }
+    });
+    ui.model.addEventListener("input", syncModelList);
     ui.prompt.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey && !e.altKey && !e.isComposing && e.keyCode !== 229) {
         e.preventDefault();
@@ -580,7 +719,8 @@
 
     setBusy(false);
     document.body.dataset.ready = "true";
-    loadInfo();
+    // The default model from /api/info first: the picker falls back to the first listed.
+    loadInfo().then(loadModels);
     ui.prompt.focus();
   }
 
