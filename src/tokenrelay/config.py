@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -105,6 +105,20 @@ class Settings(BaseSettings):
         default=True,
         description="Keep one spare connection open to each upstream host, so a new stream does not wait "
                     "for the TCP and TLS handshakes when every open connection is busy.",
+    )
+    upstream_client: Literal["auto", "fast", "aiohttp"] = Field(
+        default="auto",
+        description="The HTTP client for upstream requests. 'auto': tokenrelay's own fast client, and "
+                    "aiohttp for upstreams that HTTPS_PROXY/HTTP_PROXY (minus NO_PROXY) send through a proxy; "
+                    "'fast': always the fast one (proxies ignored); 'aiohttp': always aiohttp (more CPU per request).",
+    )
+    upstream_ca_bundle: FilePath | None = Field(
+        default=None,
+        description="PEM file of the certificate authorities trusted for https upstreams, instead of the system's.",
+    )
+    upstream_client_cert: FilePath | None = Field(
+        default=None,
+        description="PEM file with a client certificate and its private key, for upstreams that require mutual TLS.",
     )
 
     # --- the built-in simulator ---
