@@ -16,26 +16,7 @@ from yarl import URL
 from tokenrelay.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.providers.http import UpstreamClient
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-
-
-def chunked(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-async def read_request(reader: asyncio.StreamReader) -> None:
-    """Read one request, its head and its ``content-length`` body, off the connection."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    await reader.readexactly(length)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait, giving the event loop its turns, until ``condition`` holds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
+from scripted import HEAD, Handler, chunked, read_request, serving, until
 
 
 async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
@@ -53,32 +34,6 @@ async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Await
         return b"".join(parts)
     finally:
         await client.aclose()
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[tuple[URL, list[asyncio.Task[None]]]]:
-    """A scripted upstream: ``handler`` serves each connection, which is closed when it
-    returns (or when the client hung up mid-request). Yields the URL and the connections'
-    tasks, which are awaited on the way out, whatever the block raised."""
-    handled: list[asyncio.Task[None]] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handled.append(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await handler(reader, writer)
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        async with server:
-            yield URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"), handled
-    finally:
-        await asyncio.wait_for(asyncio.gather(*handled, return_exceptions=True), 5)
 
 
 async def with_server(handler: Handler, **kwargs) -> bytes:
