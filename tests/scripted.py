@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,11 @@ class ForwardProxy:
 
 
 @contextlib.asynccontextmanager
-async def forward_proxy() -> AsyncIterator[ForwardProxy]:
+async def forward_proxy(hosts: dict[str, str] | None = None) -> AsyncIterator[ForwardProxy]:
+    """The proxy, serving until the block ends. ``hosts`` maps names only the proxy can
+    resolve to addresses, as an egress proxy resolves names a private network cannot."""
     proxy = ForwardProxy()
+    hosts = hosts or {}
     tasks: list[asyncio.Task[None]] = []
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -132,11 +136,13 @@ async def forward_proxy() -> AsyncIterator[ForwardProxy]:
         proxy.seen.append(f"{method} {target}")
         if method == "CONNECT":
             host, _, port = target.rpartition(":")
-            up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            host = host.strip("[]")
+            up_reader, up_writer = await asyncio.open_connection(hosts.get(host, host), int(port))
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         else:
             url = URL(target)
-            up_reader, up_writer = await asyncio.open_connection(url.raw_host, url.port)
+            host = url.raw_host or ""
+            up_reader, up_writer = await asyncio.open_connection(hosts.get(host, host), url.port)
             kept = [h for h in rest.split(b"\r\n") if not h.lower().startswith(b"proxy-")]
             up_writer.write(f"{method} {url.raw_path_qs} {version}\r\n".encode() + b"\r\n".join(kept))
         await writer.drain()
@@ -151,6 +157,30 @@ async def forward_proxy() -> AsyncIterator[ForwardProxy]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def forward_proxy_in_thread(hosts: dict[str, str] | None = None) -> Iterator[ForwardProxy]:
+    """``forward_proxy`` on an event loop of its own, for tests that are not async."""
+    started = threading.Event()
+    running: list[tuple[ForwardProxy, asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def main() -> None:
+        async with forward_proxy(hosts) as proxy:
+            stop = asyncio.Event()
+            running.append((proxy, asyncio.get_running_loop(), stop))
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(10), "the proxy did not start"
+    proxy, loop, stop = running[0]
+    try:
+        yield proxy
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
 
 
 @dataclass(frozen=True)

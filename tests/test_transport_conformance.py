@@ -18,9 +18,12 @@ import orjson
 import pytest
 from yarl import URL
 
+from servers import RelayServer, SimServer
+from streams import chat, read_stream
+from tokenrelay.config import SettingsError, load_settings
 from tokenrelay.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.providers.aiohttp_transport import AiohttpTransport
-from tokenrelay.providers.http import AutoTransport, UpstreamClient
+from tokenrelay.providers.http import AutoTransport, UpstreamClient, make_client
 from tokenrelay.providers.http11 import Pool
 from tokenrelay.providers.transport import TLSOptions
 
@@ -31,6 +34,7 @@ from scripted import (
     black_hole,
     chunked,
     forward_proxy,
+    forward_proxy_in_thread,
     make_certificates,
     read_request,
     serving,
@@ -615,3 +619,44 @@ def test_an_unreachable_proxy_says_so(setting: str, monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(UpstreamUnavailable, match=f"cannot reach upstream: .*127.0.0.1:{port}"):
         asyncio.run(go())
+
+
+def test_a_relay_behind_an_egress_proxy_reaches_its_upstream(sim_server: SimServer,
+                                                             start_relay: Callable[..., RelayServer]) -> None:
+    """A network whose only way out is a proxy: the model API's name resolves only there.
+    ``tokenrelay serve`` with HTTP_PROXY set streams through it; told to use the fast
+    client only, it cannot reach the upstream, and says so."""
+    port = URL(sim_server.url).port
+    upstream = f"http://model-api.internal:{port}/v1"
+    ask = chat(model="sim:ttft=0,tps=0,tokens=5")
+    with forward_proxy_in_thread({"model-api.internal": "127.0.0.1"}) as proxy:
+        relay = start_relay(upstream=upstream, HTTP_PROXY=proxy.url, NO_PROXY="")
+        result = read_stream(relay.url, ask)
+        assert (result.status, result.error) == (200, None) and result.body
+        assert f"POST {upstream}/chat/completions" in proxy.seen
+
+        fast_only = start_relay(upstream=upstream, HTTP_PROXY=proxy.url, NO_PROXY="", TOKENRELAY_UPSTREAM_CLIENT="fast")
+        refused = read_stream(fast_only.url, ask)
+        assert refused.status == 502
+        assert b"cannot reach upstream" in refused.body
+
+
+# --- the settings ---
+
+def test_the_setting_picks_the_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENRELAY_UPSTREAM_CLIENT", "aiohttp")
+    assert make_client(load_settings()).transport.name == "aiohttp"
+    monkeypatch.setenv("TOKENRELAY_UPSTREAM_CLIENT", "turbo")
+    with pytest.raises(SettingsError, match="TOKENRELAY_UPSTREAM_CLIENT"):
+        load_settings()
+
+
+def test_tls_files_are_checked_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENRELAY_UPSTREAM_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(SettingsError, match="TOKENRELAY_UPSTREAM_CA_BUNDLE"):
+        load_settings()
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    monkeypatch.setenv("TOKENRELAY_UPSTREAM_CA_BUNDLE", str(not_pem))
+    with pytest.raises(SettingsError, match="TOKENRELAY_UPSTREAM_CA_BUNDLE"):
+        make_client(load_settings())

@@ -468,3 +468,27 @@ def test_an_https_upstream_is_verified_and_read(tmp_path, monkeypatch) -> None:
         asyncio.run(fetch_tls())
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     assert asyncio.run(fetch_tls()) == b"data: [DONE]\n\n"
+
+
+def test_an_upstream_that_stops_taking_the_request_is_a_timeout() -> None:
+    """The fast client's write timeout: an upstream that accepts the connection but reads
+    none of a large request fails it after ``connect_timeout`` seconds of not taking bytes,
+    not after the (much longer) wait for the first byte of answer."""
+    finished = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await finished.wait()  # reads nothing
+
+    async def go() -> float:
+        async with serving(handler) as (url, _):
+            client = UpstreamClient(pool_size=4, connect_timeout=0.3, read_timeout=30.0, spare_connection=False)
+            started = asyncio.get_running_loop().time()
+            try:
+                with pytest.raises(UpstreamTimeout, match="upstream did not take the request"):
+                    await client.post_stream(url, b"x" * (64 << 20), {})
+                return asyncio.get_running_loop().time() - started
+            finally:
+                finished.set()
+                await client.aclose()
+
+    assert asyncio.run(go()) < 10
