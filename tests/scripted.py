@@ -104,6 +104,8 @@ class ForwardProxy:
 
     url: str = ""
     seen: list[str] = field(default_factory=list)
+    credentials: list[str] = field(default_factory=list)
+    """The ``Proxy-Authorization`` of each request that had one."""
 
 
 @contextlib.asynccontextmanager
@@ -134,6 +136,10 @@ async def forward_proxy(hosts: dict[str, str] | None = None) -> AsyncIterator[Fo
         line, _, rest = head.partition(b"\r\n")
         method, target, version = line.decode("latin-1").split(" ")
         proxy.seen.append(f"{method} {target}")
+        for header in rest.split(b"\r\n"):
+            name, _, value = header.decode("latin-1").partition(":")
+            if name.strip().lower() == "proxy-authorization":
+                proxy.credentials.append(value.strip())
         if method == "CONNECT":
             host, _, port = target.rpartition(":")
             host = host.strip("[]")

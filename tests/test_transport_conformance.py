@@ -5,6 +5,7 @@ real forward proxy) on loopback. A difference between the two is a bug in one of
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import socket
@@ -584,6 +585,17 @@ def test_an_https_upstream_is_tunnelled_through_https_proxy(setting: str, certs:
     body, seen, url = asyncio.run(go())
     assert body == b"data: [DONE]\n\n"
     assert seen == [f"CONNECT localhost:{url.port}"]
+
+
+def test_the_proxy_urls_credentials_are_sent_to_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> list[str]:
+        async with forward_proxy() as proxy, serving(once(OK)) as (url, _):
+            monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", "http://relay:s3cret@"))
+            async with client("auto") as upstream:
+                await post(upstream, url, {"authorization": "Bearer sk-upstream"})
+            return proxy.credentials
+
+    assert asyncio.run(go()) == ["Basic " + base64.b64encode(b"relay:s3cret").decode()]
 
 
 def test_no_proxy_sends_an_upstream_directly_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:

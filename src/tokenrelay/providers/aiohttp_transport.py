@@ -1,10 +1,16 @@
 """The maintained client behind the transport interface: aiohttp.
 
 Used where the fast path (``http11``) cannot be right — an upstream the environment sends
-through a proxy (``trust_env``: ``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``, with
-credentials from the proxy URL or ``~/.netrc``) — or wherever the operator asks for it
+through a proxy (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``, with credentials from the
+proxy URL or ``~/.netrc``) — or wherever the operator asks for it
 (``TOKENRELAY_UPSTREAM_CLIENT=aiohttp``). It costs more CPU per request (docs/performance.md
 §2), which is why it is not the default for everything.
+
+The proxy is looked up as aiohttp's ``trust_env`` looks it up (its own
+``get_env_proxy_for_url``), but once per upstream URL rather than with ``trust_env`` itself,
+which reads the environment and ``~/.netrc`` in a worker thread on every request (two thread
+hops, most of aiohttp's CPU per request here) and would add ``~/.netrc`` credentials for the
+upstream's host beside tokenrelay's own ``Authorization`` — which aiohttp refuses.
 
 aiohttp already does what the seam asks of a transport: 1xx responses skipped, Happy
 Eyeballs, a POST never sent twice, idle connections closed, flow control on a body read
@@ -14,11 +20,13 @@ decode the same encodings and present the same headers.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import zlib
 from collections.abc import Mapping
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from .http11 import HAPPY_EYEBALLS_DELAY, IDLE_KEEP
@@ -43,6 +51,7 @@ class AiohttpTransport:
         self.idle_keep = idle_keep
         self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[URL, URL | None] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         # Made on first use: aiohttp wants its session made inside the event loop it runs in.
@@ -51,7 +60,7 @@ class AiohttpTransport:
                 limit=self.size, keepalive_timeout=self.idle_keep, ssl=self._ssl_context or True,
                 happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, ttl_dns_cache=10)
             self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=True, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 # Only the connect phase here; the first byte and the silences are
                 # bounded above the transport, alike for both transports.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
@@ -63,8 +72,15 @@ class AiohttpTransport:
         for name, value in headers.items():
             check_header(name, value)
         try:
+            proxy = self._proxies[url]
+        except KeyError:
+            proxy = await asyncio.to_thread(_env_proxy, url)  # may read ~/.netrc
+            if len(self._proxies) > 256:  # URLs come from the settings; a bound all the same
+                self._proxies.clear()
+            self._proxies[url] = proxy
+        try:
             response = await self._client().request(method, url, data=body, headers=dict(headers),
-                                                    allow_redirects=False)
+                                                    allow_redirects=False, proxy=proxy)
         except aiohttp.ConnectionTimeoutError:
             raise ConnectTimeout(f"no connection to {url.host} port {url.port} within "
                                  f"{self.connect_timeout:g} s") from None
@@ -82,6 +98,17 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _env_proxy(url: URL) -> URL | None:
+    """The proxy for ``url``, if any, with its credentials in it: aiohttp sends those as
+    ``Proxy-Authorization`` both to a tunnel's CONNECT and on a plain-http request (its
+    ``proxy_headers`` reach only the CONNECT, and its ``proxy_auth`` is deprecated)."""
+    try:
+        proxy, auth = get_env_proxy_for_url(url)
+    except LookupError:  # no proxy for this URL
+        return None
+    return proxy if auth is None else proxy.with_user(auth.login).with_password(auth.password)
 
 
 class AiohttpExchange:
