@@ -670,5 +670,9 @@ def test_tls_files_are_checked_at_start(tmp_path: Path, monkeypatch: pytest.Monk
     not_pem = tmp_path / "ca.pem"
     not_pem.write_text("not a certificate")
     monkeypatch.setenv("TOKENRELAY_UPSTREAM_CA_BUNDLE", str(not_pem))
-    with pytest.raises(SettingsError, match="TOKENRELAY_UPSTREAM_CA_BUNDLE"):
-        make_client(load_settings())
+    with pytest.raises(SettingsError, match="TOKENRELAY_UPSTREAM_CA_BUNDLE .*cannot load"):
+        load_settings()
+    monkeypatch.delenv("TOKENRELAY_UPSTREAM_CA_BUNDLE")
+    monkeypatch.setenv("TOKENRELAY_UPSTREAM_CLIENT_CERT", str(not_pem))  # no key in it either
+    with pytest.raises(SettingsError, match="TOKENRELAY_UPSTREAM_CLIENT_CERT .*cannot load"):
+        load_settings()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -197,6 +197,23 @@ class Settings(BaseSettings):
             if route.fallback is not None and route.fallback not in names:
                 raise ValueError(f"route {route.label!r}: fallback {route.fallback!r} names no route")
         return routes
+
+    @field_validator("upstream_ca_bundle", "upstream_client_cert")
+    @classmethod
+    def _check_pem(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        import ssl
+
+        # Loaded now, so a file that is not the PEM it should be stops start-up here.
+        try:
+            if info.field_name == "upstream_ca_bundle":
+                ssl.create_default_context(cafile=value)
+            else:
+                ssl.create_default_context().load_cert_chain(value)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load {value}: {exc}") from None
+        return value
 
     @field_validator("api_keys")
     @classmethod

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Literal
 
@@ -189,15 +188,9 @@ def make_client(settings: Settings, *, connect_timeout: float | None = None,
     builds its upstream transport."""
     tls = None
     if settings.upstream_ca_bundle is not None or settings.upstream_client_cert is not None:
+        # Both files were loaded once by Settings: a bad one has stopped start-up already.
         tls = TLSOptions(ca_bundle=str(settings.upstream_ca_bundle) if settings.upstream_ca_bundle else None,
                          client_cert=str(settings.upstream_client_cert) if settings.upstream_client_cert else None)
-        try:
-            tls.context()
-        except (OSError, ssl.SSLError) as exc:
-            from ..config import SettingsError
-
-            raise SettingsError("invalid setting TOKENRELAY_UPSTREAM_CA_BUNDLE or TOKENRELAY_UPSTREAM_CLIENT_CERT: "
-                                f"cannot load it: {exc}") from None
     return UpstreamClient(pool_size=settings.pool_size,
                           connect_timeout=connect_timeout or settings.connect_timeout,
                           read_timeout=read_timeout or settings.read_timeout,

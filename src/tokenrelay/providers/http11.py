@@ -47,7 +47,6 @@ from .transport import (
     WriteTimeout,
     check_header,
     decoder_for,
-    join_header,
 )
 
 log = logging.getLogger("tokenrelay.upstream")
@@ -170,7 +169,13 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._stray:
-            join_header(self.headers, name.decode("latin-1").lower(), value.decode("latin-1"))
+            # transport.join_header, inlined: this runs for every header of every answer
+            key = name.decode("latin-1").lower()
+            headers = self.headers
+            if key in headers:
+                headers[key] += ", " + value.decode("latin-1")
+            else:
+                headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if self._stray:
