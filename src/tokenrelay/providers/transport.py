@@ -125,16 +125,16 @@ class TLSOptions:
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_good_names: set[str] = set()
+CHECKED_NAMES: set[str] = set()
 """Names already checked: the same few are sent on every request, on the hot path."""
 
 
 def check_header(name: str, value: str) -> None:
-    if name not in _good_names:
+    if name not in CHECKED_NAMES:
         if not _TOKEN.fullmatch(name):
             raise InvalidHeader(f"request header name {name!r} is not an HTTP token")
-        if len(_good_names) < 1024:
-            _good_names.add(name)
+        if len(CHECKED_NAMES) < 1024:
+            CHECKED_NAMES.add(name)
     if "\r" in value or "\n" in value or "\0" in value:
         raise InvalidHeader(f"request header {name!r} holds a line break")
 
