@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import re
 import gzip
 import socket
 import time
@@ -15,11 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from yarl import URL
 
-from servers import RelayServer, SimServer
+from servers import RelayServer, SimServer, wait_until
 from streams import chat, read_stream
 from tokenrelay.config import SettingsError, load_settings
 from tokenrelay.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
@@ -610,6 +612,18 @@ def test_no_proxy_sends_an_upstream_directly_on_the_fast_path(monkeypatch: pytes
     assert asyncio.run(go()) == (b"ok", [], "fast")
 
 
+def test_the_fast_client_when_forced_goes_direct_and_says_the_proxy_is_ignored(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> tuple[bytes, list[str]]:
+        async with forward_proxy() as proxy, serving(once(OK)) as (url, _):
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            async with client("fast") as upstream:
+                return (await post(upstream, url))[1], proxy.seen
+
+    assert asyncio.run(go()) == (b"ok", [])
+    assert "proxy settings in the environment (HTTPS_PROXY, HTTP_PROXY) are not used" in caplog.text
+
+
 def test_without_a_proxy_auto_is_the_fast_path() -> None:
     async def go() -> str:
         async with client("auto") as upstream:
@@ -651,6 +665,45 @@ def test_a_relay_behind_an_egress_proxy_reaches_its_upstream(sim_server: SimServ
         refused = read_stream(fast_only.url, ask)
         assert refused.status == 502
         assert b"cannot reach upstream" in refused.body
+
+
+@pytest.fixture(scope="module")
+def aiohttp_relay(sim_server: SimServer, start_relay: Callable[..., RelayServer]) -> RelayServer:
+    return start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_UPSTREAM_CLIENT="aiohttp")
+
+
+_VOLATILE = re.compile(rb'"id":"[^"]*","object":"chat\.completion(\.chunk)?","created":\d+')
+
+
+def test_a_relay_on_aiohttp_passes_v1_bytes_through(aiohttp_relay: RelayServer, sim_server: SimServer) -> None:
+    """The whole relay on the maintained client: ``/v1`` streams and whole answers arrive as
+    the upstream sent them, as they do on the fast path (tests/test_v1_wire.py)."""
+    with httpx.Client(timeout=30) as http:
+        for stream in (True, False):
+            body = chat("pass me through", model="sim:ttft=0,tps=0,tokens=30", stream=stream)
+            direct = http.post(sim_server.url + "/v1/chat/completions", json=body)
+            relayed = http.post(aiohttp_relay.url + "/v1/chat/completions", json=body)
+            assert relayed.status_code == 200
+            assert _VOLATILE.sub(b"", relayed.content) == _VOLATILE.sub(b"", direct.content)
+    result = read_stream(aiohttp_relay.url, chat(model="sim:ttft=0,tps=0,tokens=30"))
+    assert (result.status, result.error) == (200, None) and result.body
+
+
+def test_a_relay_on_aiohttp_stops_the_upstream_when_its_client_leaves(aiohttp_relay: RelayServer,
+                                                                     sim_server: SimServer) -> None:
+    """Closing an unfinished aiohttp response closes its connection, which is how the
+    upstream learns to stop generating (tests/test_cancel.py, on the fast path)."""
+    sim_server.wait_idle()
+    cancelled = sim_server.stats()["cancelled_streams"]
+    payload = orjson.dumps(chat(model="sim:ttft=0,tps=10,tokens=200"))
+    with socket.create_connection(("127.0.0.1", aiohttp_relay.port)) as sock:
+        sock.sendall(b"POST /api/get-response HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    left = time.monotonic()
+    wait_until(lambda: sim_server.stats()["cancelled_streams"] > cancelled, timeout=5, interval=0.01)
+    assert time.monotonic() - left < 1.0
+    sim_server.wait_idle()
 
 
 # --- the settings ---
