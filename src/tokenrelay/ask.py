@@ -55,12 +55,14 @@ def _say(line: str) -> None:
 
 def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[[str], Any],
                   flush: Callable[[], Any], timeout: float = 600.0, key: str | None = None,
-                  announce: Callable[[str], Any] = _say) -> AskStats:
+                  announce: Callable[[str], Any] = _say,
+                  on_stream: Callable[[str], Any] | None = None) -> AskStats:
     """POST ``body`` to ``url`` (``…/api/get-response``), writing the answer as it arrives.
 
     A body without a model gets the service's default, or — when the service has none, as
     with routes and no ``TOKENRELAY_MODEL`` — the first model it lists; ``announce`` is told
-    which, and which upstream answers it."""
+    which, and which upstream answers it. ``on_stream`` is told the answer's stream id (what
+    ``DELETE /api/streams/{id}`` stops) as soon as it starts."""
     base = url.removesuffix(ANSWER_PATH)
     if "model" not in body:
         choice = choose_model(base, key=key)
@@ -80,6 +82,8 @@ def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[
                     if "model_not_found" in refusal:
                         refusal += _listed_hint(base, key)
                     raise AskFailed(refusal)
+                if on_stream is not None and "x-stream-id" in response.headers:
+                    on_stream(response.headers["x-stream-id"])
                 if sse:
                     _read_sse(response, stats, write, flush)
                 else:

@@ -261,10 +261,11 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     if webhook_url:
         raise click.UsageError("--webhook-url needs --job")
     out = sys.stdout
-    previous = signal.signal(signal.SIGINT, _leave_on_ctrl_c)
+    answer = _Answer(url.rstrip("/"), key)
+    previous = signal.signal(signal.SIGINT, answer.stop_and_leave)
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
-                              flush=out.flush, key=key)
+                              flush=out.flush, key=key, on_stream=answer.started)
     except AskFailed as exc:
         out.write("\n")
         raise click.ClickException(str(exc)) from None
@@ -324,15 +325,33 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     sys.exit(report.exit_code)
 
 
-def _leave_on_ctrl_c(signum: int, frame: Any) -> None:
-    """Ctrl-C while an answer streams: leave at once. Unwinding a KeyboardInterrupt through
-    the HTTP client from wherever the signal landed could block in its connection pool;
-    the process ending closes the connection, which is what stops the model."""
-    with contextlib.suppress(Exception):
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    os.write(2, b"cancelled\n")
-    os._exit(130)
+class _Answer:
+    """The answer ``ask`` is streaming, so that Ctrl-C can stop it."""
+
+    def __init__(self, base: str, key: str | None) -> None:
+        self.base, self.key = base, key
+        self.stream_id: str | None = None
+
+    def started(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+
+    def stop_and_leave(self, signum: int, frame: Any) -> None:
+        """Ctrl-C while an answer streams: stop the model, then leave at once. Leaving alone
+        would not stop it: a stream outlives its connection for a while, so that a dropped
+        connection can resume (docs/resume.md). Unwinding a KeyboardInterrupt through the HTTP
+        client from wherever the signal landed could block in its connection pool, hence
+        ``os._exit``."""
+        with contextlib.suppress(Exception):
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        if self.stream_id is not None:
+            import httpx
+
+            headers = {"authorization": f"Bearer {self.key}"} if self.key else {}
+            with contextlib.suppress(Exception):
+                httpx.delete(f"{self.base}/api/streams/{self.stream_id}", headers=headers, timeout=3)
+        os.write(2, b"cancelled\n")
+        os._exit(130)
 
 
 def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose: bool,
