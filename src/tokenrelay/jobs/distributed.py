@@ -70,16 +70,26 @@ class RedisHealth:
     fails, "Redis … is back" when a ping answers again. While it is away, callers wait in
     ``until_up`` (one of them pings, with a backoff) instead of each failing in a loop."""
 
-    def __init__(self, redis: Redis, label: str) -> None:
+    def __init__(self, redis: Redis, label: str, *, says: bool = True) -> None:
         self.redis = redis
         self.label = label
+        self.says = says
+        """Whether it logs the changes: the API's side only keeps track, for /readyz, since
+        each of its requests answers a 503 that says so anyway."""
         self.down_since: float | None = None
         self._lock = asyncio.Lock()
 
     def lost(self, exc: BaseException) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            log.warning("jobs: lost Redis at %s (%s); trying again with a backoff", self.label, _said(exc))
+            if self.says:
+                log.warning("jobs: lost Redis at %s (%s); trying again with a backoff", self.label, _said(exc))
+
+    def answered(self) -> None:
+        if self.down_since is not None:
+            if self.says:
+                log.info("jobs: Redis at %s is back after %.1f s", self.label, time.monotonic() - self.down_since)
+            self.down_since = None
 
     async def until_up(self) -> None:
         if self.down_since is None:
@@ -93,8 +103,7 @@ class RedisHealth:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
                     continue
-                log.info("jobs: Redis at %s is back after %.1f s", self.label, time.monotonic() - self.down_since)
-                self.down_since = None
+                self.answered()
 
 
 def _said(exc: BaseException) -> str:
@@ -114,9 +123,9 @@ class JobQueue(RedisQueue):
     that was a busy loop. Here a failed dequeue marks Redis lost, and the next one waits
     until a ping answers."""
 
-    def __init__(self, url: str, *, timeout: float, name: str) -> None:
+    def __init__(self, url: str, *, timeout: float, name: str, says: bool = True) -> None:
         super().__init__(connect(url, timeout=timeout), name=name)
-        self.health = RedisHealth(self.redis, redis_label(url))
+        self.health = RedisHealth(self.redis, redis_label(url), says=says)
         # saq listens for job changes on one long-lived subscription, idle for minutes at a
         # time; a read timeout would break it, so it has a client without one (every wait
         # on it is bounded by saq itself).
@@ -139,9 +148,9 @@ class JobQueue(RedisQueue):
         await self._listener.aclose()
 
 
-def make_queue(settings: Settings) -> JobQueue:
+def make_queue(settings: Settings, *, says: bool = True) -> JobQueue:
     assert settings.redis_url is not None
-    return JobQueue(settings.redis_url, timeout=settings.redis_timeout, name=QUEUE_NAME)
+    return JobQueue(settings.redis_url, timeout=settings.redis_timeout, name=QUEUE_NAME, says=says)
 
 
 class RemoteJobs:
@@ -156,14 +165,26 @@ class RemoteJobs:
         self.label = redis_label(settings.redis_url)
         self.store = RedisJobStore(settings.redis_url, timeout=settings.redis_timeout,
                                    record_ttl=settings.job_retention)
-        self.queue = make_queue(settings)
+        self.queue = make_queue(settings, says=False)
         self.worker = make_worker(settings, provider=provider) if settings.jobs_in_serve else None
         self._worker_task: asyncio.Task[None] | None = None
 
     @property
     def trouble(self) -> str | None:
-        health = self.queue.health
-        return None if health.down_since is None else f"Redis at {self.label} does not answer"
+        healths = [self.queue.health, *([self.worker.queue.health] if isinstance(self.worker, JobWorker) else [])]
+        if all(health.down_since is None for health in healths):
+            return None
+        return f"Redis at {self.label} does not answer"
+
+    @contextlib.asynccontextmanager
+    async def _calling(self) -> AsyncIterator[None]:
+        """Keeps track of whether Redis answers this process's API calls, for /readyz."""
+        try:
+            yield
+        except REDIS_ERRORS as exc:
+            self.queue.health.lost(exc)
+            raise
+        self.queue.health.answered()
 
     async def start(self) -> None:
         await self.queue.connect()
@@ -190,25 +211,28 @@ class RemoteJobs:
         await worker.start()
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
-        job, created = await self.store.create(job)
-        # A job seen again (same Idempotency-Key) and still queued is queued again: saq keeps
-        # one job per key, and this heals a job whose first enqueue died with its process.
-        if created or job.status is JobStatus.QUEUED:
-            await enqueue_run(self.queue, self.settings, job.id)
+        async with self._calling():
+            job, created = await self.store.create(job)
+            # A job seen again (same Idempotency-Key) and still queued is queued again: saq keeps
+            # one job per key, and this heals a job whose first enqueue died with its process.
+            if created or job.status is JobStatus.QUEUED:
+                await enqueue_run(self.queue, self.settings, job.id)
         return job, created
 
     async def get(self, job_id: str) -> Job | None:
-        return await self.store.get(job_id)
+        async with self._calling():
+            return await self.store.get(job_id)
 
     def follow(self, job_id: str) -> AsyncIterator[FollowEvent]:
         return self.store.follow(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
-        job = await runner.cancel(self.store, job_id)
-        if job is not None:
-            queued = await self.queue.job(job_id)
-            if queued is not None:
-                await self.queue.abort(queued, error="cancelled")
+        async with self._calling():
+            job = await runner.cancel(self.store, job_id)
+            if job is not None:
+                queued = await self.queue.job(job_id)
+                if queued is not None:
+                    await self.queue.abort(queued, error="cancelled")
         return job
 
     async def aclose(self) -> None:
@@ -255,6 +279,24 @@ class JobWorker(Worker[Any]):
     def __init__(self, queue: JobQueue, *, signals: bool, **kwargs: Any) -> None:
         super().__init__(queue, **kwargs)
         self.SIGNALS = Worker.SIGNALS if signals else []
+
+    async def start(self) -> None:
+        quiet = _RedisQuiet(self.queue.health)
+        saq_log.addFilter(quiet)
+        try:
+            await super().start()
+        finally:
+            saq_log.removeFilter(quiet)
+
+    async def process(self) -> bool:
+        # saq records a job's end in Redis; when that fails, and then its retry too, the
+        # error escapes saq's loop. The job's own record is tokenrelay's, written already;
+        # the sweep puts the saq job back once Redis answers, and running it again is a no-op.
+        try:
+            return await super().process()
+        except REDIS_ERRORS as exc:
+            self.queue.health.lost(exc)
+            return True
 
     async def upkeep(self) -> list[asyncio.Task[None]]:
         health = self.queue.health
@@ -329,6 +371,25 @@ def make_worker(settings: Settings, *, concurrency: int | None = None, signals: 
         dequeue_timeout=settings.redis_timeout / 2,
         signals=signals,
     )
+
+
+saq_log = logging.getLogger("saq")
+
+
+class _RedisQuiet(logging.Filter):
+    """saq logs a traceback for each of its calls that fails; one that failed because Redis
+    is away becomes the worker's one "lost Redis" line instead."""
+
+    def __init__(self, health: RedisHealth) -> None:
+        super().__init__()
+        self.health = health
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, REDIS_ERRORS):
+            self.health.lost(exc)
+            return False
+        return True
 
 
 def describe_upstreams(settings: Settings) -> str:
