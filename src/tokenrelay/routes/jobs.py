@@ -8,6 +8,10 @@
 
 The backend (``app.state.jobs``) is a ``jobs.backend.JobBackend``: ``LocalJobs`` (SQLite,
 run in this process) or ``RemoteJobs`` (Redis, run by ``tokenrelay worker``).
+
+With client keys a job is its submitting key's (``Job.owner``, the key's name): other keys
+get 404 for it, and Idempotency-Keys are scoped to the key. A store that fails answers 507
+(disk full) or 503, with Retry-After, never a 500.
 """
 
 from __future__ import annotations
