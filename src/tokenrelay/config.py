@@ -239,7 +239,15 @@ class Settings(BaseSettings):
         description="Redis shared by several tokenrelay processes (redis://host:6379/0): the jobs' task "
                     "queue (run by 'tokenrelay worker') and the per-key limits.",
     )
+    redis_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds one call to Redis may take before it counts as failed (the jobs' "
+        "API then answers 503 with Retry-After; a worker waits for Redis with a backoff).",
+    )
     job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
+    job_retention: int = Field(
+        default=7 * 24 * 3600, ge=0, description="Seconds a job is kept after it was created (ended jobs in "
+        "SQLite; the records' TTL in Redis); 0: kept forever.",
+    )
     jobs_in_serve: bool = Field(
         default=True, description="With redis_url: 'tokenrelay serve' runs jobs from the queue too; false leaves "
         "them to 'tokenrelay worker' processes.",
