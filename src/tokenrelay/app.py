@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.router = Router(settings)
         state.provider = ModelRouter(state.router)
+        state.metrics.watch(state.provider)
         if settings.routes:
             for view in upstream_views(settings):
                 log.info("route %s", view.route_line())
