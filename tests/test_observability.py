@@ -321,3 +321,36 @@ def test_tokens_and_answers_by_model_and_key_name_with_jobs_and_bounded_models(
     models = {dict(labels).get("model") for (name, labels) in after if name == "tokenrelay_tokens_out_total"}
     assert models <= {"sim", "sim:echo", "sim:tools", "other"}
     assert key not in httpx.get(relay.url + "/metrics", headers=auth, timeout=5).text
+
+
+def test_the_grafana_dashboard_queries_only_what_metrics_serves(own_relay: RelayServer) -> None:
+    """deploy/grafana/tokenrelay.json: every metric it queries is at /metrics, and every label
+    it groups or filters by is one of that metric's labels."""
+    from pathlib import Path
+
+    from tokenrelay.metrics import Metrics
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tokenrelay.json"
+    dashboard = orjson.loads(path.read_bytes())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for shown in ("time to first token", "tokens/s", "in flight", "errors", "cancellations"):
+        assert shown in titles
+    httpx.post(own_relay.url + "/api/get-response", json=chat(model="sim:ttft=0,tps=0,tokens=2"), timeout=10)
+    served: dict[str, str] = {}  # every series name /metrics can serve → its family
+    response = httpx.get(own_relay.url + "/metrics", timeout=5)
+    for family in text_string_to_metric_families(response.text):
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
+                    "gauge": ("",)}[family.type]
+        served.update({family.name + suffix: family.name for suffix in suffixes})
+    labels = {collector._name: set(collector._labelnames)  # type: ignore[attr-defined]
+              for collector in Metrics().registry._collector_to_names}  # type: ignore[attr-defined]
+    for expr in exprs:
+        names = re.findall(r"\btokenrelay_[a-z_]+", expr)
+        assert names, expr
+        for name in names:
+            assert name in served, f"{name} (in {expr}) is not at /metrics"
+            family = served[name]
+            used = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for label in group.split(",")}
+            used |= set(re.findall(r"[{,]\s*([a-z_]+)\s*(?:=~|!~|!=|=)", expr))
+            assert used - {"le", ""} <= labels[family], f"{expr}: {used - labels[family]} not labels of {family}"
