@@ -129,3 +129,26 @@ def test_json_log_times_are_iso_8601_with_a_time_zone(capsys: pytest.CaptureFixt
     when = datetime.fromisoformat(line["time"])
     assert when.tzinfo is not None and when.utcoffset() is not None
     assert "T" in line["time"] and "," not in line["time"]
+
+
+# --- the favicon -----------------------------------------------------------------------------
+
+def test_the_page_has_a_favicon_and_loads_without_a_404(browser, relay_server: RelayServer) -> None:
+    import httpx
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        failed: list[str] = []
+        errors: list[str] = []
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(relay_server.url + "/", wait_until="networkidle")
+        href = page.eval_on_selector("link[rel=icon]", "link => link.href")
+        assert failed == [] and errors == []
+    finally:
+        context.close()
+    icon = httpx.get(href, timeout=5)
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.text.lstrip().startswith("<svg")
