@@ -152,3 +152,49 @@ def test_the_page_has_a_favicon_and_loads_without_a_404(browser, relay_server: R
     assert icon.status_code == 200
     assert icon.headers["content-type"].startswith("image/svg+xml")
     assert icon.text.lstrip().startswith("<svg")
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+def test_cancelling_twice_says_the_job_was_already_cancelled(relay_server: RelayServer) -> None:
+    import httpx
+
+    from streams import chat
+
+    job = httpx.post(relay_server.url + "/api/jobs", json=chat(model="sim:tps=5,tokens=500"), timeout=10).json()
+    assert httpx.delete(f"{relay_server.url}/api/jobs/{job['id']}", timeout=10).status_code == 200
+    again = httpx.delete(f"{relay_server.url}/api/jobs/{job['id']}", timeout=10)
+    assert again.status_code == 409
+    assert again.json()["error"]["message"].startswith(f"job {job['id']} was already cancelled;")
+
+
+def test_the_readme_jobs_example_works_after_the_readme_set_up(start_relay: Callable[..., RelayServer],
+                                                               log_dir: Path) -> None:
+    """The README's set-up (a secret from ``webhooks secret``, private addresses allowed, the
+    local receiver), then its job with a webhook: accepted, and delivered, signed."""
+    import re
+
+    import httpx
+    from servers import Process, wait_until
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    jobs = readme[readme.index("**Jobs: the answer later"):]
+    setup, example = jobs.index("export TOKENRELAY_WEBHOOK_SECRET"), jobs.index("curl -i http://127.0.0.1:8000/api/jobs")
+    assert setup < example  # the set-up comes first
+    body = re.search(r"-d '(\{.*?\})'", jobs[example:]).group(1)
+    assert "http://127.0.0.1:9100/" in body
+
+    secret = CliRunner().invoke(cli, ["webhooks", "secret"]).stdout.strip()
+    relay = start_relay(upstream=None, TOKENRELAY_WEBHOOK_SECRET=secret, TOKENRELAY_WEBHOOK_ALLOW_PRIVATE="true",
+                        TOKENRELAY_SIM_TTFT="0", TOKENRELAY_SIM_TPS="0")
+    port = free_port()
+    listener = Process(["webhooks", "listen", "--port", str(port)], port=port, ready_path="/", log_dir=log_dir,
+                       env={"TOKENRELAY_WEBHOOK_SECRET": secret})
+    try:
+        created = httpx.post(relay.url + "/api/jobs", content=body.replace("127.0.0.1:9100", f"127.0.0.1:{port}"),
+                             headers={"content-type": "application/json", "idempotency-key": "report-42"}, timeout=10)
+        assert created.status_code == 202, created.text
+        wait_until(lambda: httpx.get(listener.url + "/").json()["deliveries"] == 1)
+        wait_until(lambda: "signature ok → 204" in listener.log())
+    finally:
+        listener.stop()
