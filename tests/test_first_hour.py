@@ -198,3 +198,16 @@ def test_the_readme_jobs_example_works_after_the_readme_set_up(start_relay: Call
         wait_until(lambda: "signature ok → 204" in listener.log())
     finally:
         listener.stop()
+
+
+def test_the_simulators_messages_api_needs_the_headers_the_readme_names(sim_server) -> None:
+    import httpx
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "`x-api-key`" in readme and "`anthropic-version`" in readme
+    body = {"model": "sim", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    bare = httpx.post(sim_server.url + "/v1/messages", json=body, timeout=10)
+    assert bare.status_code in (400, 401) and "x-api-key" in bare.text
+    asked = httpx.post(sim_server.url + "/v1/messages", json=body, timeout=10,
+                       headers={"x-api-key": "any", "anthropic-version": "2023-06-01"})
+    assert asked.status_code == 200, asked.text

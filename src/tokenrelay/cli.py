@@ -213,7 +213,8 @@ def fast_server() -> dict[str, Any]:
 def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, fault: str | None,
         log_level: str) -> None:
     """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions), and as
-    Anthropic's Messages API (POST /v1/messages).
+    Anthropic's Messages API (POST /v1/messages, which like Anthropic's needs the headers
+    x-api-key, any value, and anthropic-version: 2023-06-01).
 
     \b
     Any OpenAI client, or tokenrelay itself, can point at it:
