@@ -211,3 +211,10 @@ def test_the_simulators_messages_api_needs_the_headers_the_readme_names(sim_serv
     asked = httpx.post(sim_server.url + "/v1/messages", json=body, timeout=10,
                        headers={"x-api-key": "any", "anthropic-version": "2023-06-01"})
     assert asked.status_code == 200, asked.text
+
+
+def test_doctor_header_names_the_url_after_one_space() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(cli, ["doctor", url, "--ticks", "2", "--interval", "0.05"])
+    assert result.exit_code == 2
+    assert result.stdout.splitlines()[0] == f"tokenrelay doctor {url}"
