@@ -17,7 +17,6 @@ from .providers.sse_decoder import SSEDecoder
 from .upstreams import UpstreamView
 
 ANSWER_PATH = "/api/get-response"
-URL_ENV = "TOKENRELAY_URL"
 KEY_ENV = "TOKENRELAY_API_KEY"
 LOOKUP_TIMEOUT = 10.0
 SHOWN_MODELS = 12
