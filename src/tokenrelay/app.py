@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> Starlette:
                                 max_bytes=settings.stream_max_bytes, memory_bytes=settings.stream_memory,
                                 other_processes=int(os.environ.get(SERVE_PROCESSES_ENV) or 1) > 1)
         state.provider = ModelRouter(state.router)
+        state.metrics.watch(state.provider)
         if settings.routes:
             for view in upstream_views(settings):
                 log.info("route %s", view.route_line())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,6 +27,10 @@ from .webhooks import Deliverer
 
 log = logging.getLogger("tokenrelay.jobs")
 T = TypeVar("T")
+
+job_observers: weakref.WeakKeyDictionary[Provider, Callable[[Job], object]] = weakref.WeakKeyDictionary()
+"""Told of each job a run ends, by the provider that answered it: each app's metrics
+(``Metrics.watch``) count the jobs of their own provider, wherever the job was queued."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,8 @@ async def run(ctx: JobContext, job_id: str) -> Job | None:
     if ended is None:
         return await store.get(job_id)
     await store.live_end(job_id, end_event(ended))
+    if observe := job_observers.get(ctx.provider):
+        observe(ended)
     log.info("job %s: %s in %.2f s (%d pieces%s)", job_id, ended.status, time.perf_counter() - began, len(pieces),
              f", {error.type}" if error else "")
     return ended

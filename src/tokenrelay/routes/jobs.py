@@ -169,7 +169,8 @@ async def delete_job(request: Request) -> Response:
         if cancelled is None:
             job = await jobs.get(job.id) or job
     if cancelled is None:
-        raise Conflict(f"job {job.id} has already {job.status}; only queued or running jobs can be cancelled")
+        raise Conflict(f"job {job.id} {'was' if job.status == 'cancelled' else 'has'} already {job.status}; "
+                       "only queued or running jobs can be cancelled")
     return JSONResponse(cancelled.public())
 
 
