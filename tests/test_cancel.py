@@ -18,7 +18,7 @@ def open_request(relay: RelayServer, body: dict, *, accept: str = "text/plain") 
     payload = orjson.dumps(body)
     sock = socket.create_connection(("127.0.0.1", relay.port))
     sock.sendall(
-        b"POST /api/get-response HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /api/get-response HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Accept: {accept}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )

@@ -37,6 +37,23 @@ class _AbortFilter(logging.Filter):
         return type(exc).__name__ != "StreamAborted"
 
 
+# Control characters (and Unicode's line breaks) in a text log line, as escapes: a CR or LF
+# in a model name or a header must not start a forged line of its own.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_ESCAPES)
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per record: everything but the traceback (appended after this) escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -72,7 +89,7 @@ def setup_logging(level: str = "info", *, json: bool = False) -> None:
         handler.setFormatter(_JSONFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]%(client_tag)s %(message)s")
+            _TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]%(client_tag)s %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
