@@ -354,6 +354,9 @@ def test_allowed_hosts_and_cors_origins_let_a_deployment_in(start_relay) -> None
     same = httpx.post(relay.url + "/api/get-response", json=chat(model=QUICK), timeout=10, headers={
         "host": "chat.example.com", "origin": "https://chat.example.com"})  # an older browser
     assert same.status_code == 200
+    broken = httpx.post(relay.url + "/api/get-response", json=chat(model=QUICK), timeout=10, headers={
+        "host": "chat.example.com", "origin": "http://[::1"})  # not a URL: refused, not a 500
+    assert broken.status_code == 403
 
 
 # ------------------------------------------------------------------ hostile input

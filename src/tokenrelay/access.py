@@ -22,7 +22,6 @@ runs per chunk. Refusals are answered here, in the error shape of the path: toke
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Sequence
@@ -88,8 +87,6 @@ def host_allowed(name: str, allowed: Sequence[str]) -> bool:
     return False
 
 
-
-
 class BrowserGuard:
     """Refuses a ``Host`` the service does not answer to (every path), and on the API paths a
     request a browser sends on behalf of another site. Plain ASGI, before the key check."""
@@ -136,7 +133,11 @@ class BrowserGuard:
         if origin_text is None:  # not a browser, or a same-origin GET: nothing to refuse
             return None
         # An older browser: the origin's host and port must be the request's own.
-        if host is not None and urlsplit(origin_text).netloc.lower() == host.decode("latin-1").lower():
+        try:
+            netloc = urlsplit(origin_text).netloc.lower()
+        except ValueError:  # not a URL at all ("http://[::1")
+            netloc = None
+        if host is not None and netloc == host.decode("latin-1").lower():
             return None
         return f"origin {origin_text[:100]}"
 
