@@ -378,7 +378,7 @@ saq_log = logging.getLogger("saq")
 
 class _RedisQuiet(logging.Filter):
     """saq logs a traceback for each of its calls that fails; one that failed because Redis
-    is away becomes the worker's one "lost Redis" line instead."""
+    is away becomes the worker's one "lost Redis" line instead. Its INFO lines become DEBUG."""
 
     def __init__(self, health: RedisHealth) -> None:
         super().__init__()
@@ -389,6 +389,11 @@ class _RedisQuiet(logging.Filter):
         if isinstance(exc, REDIS_ERRORS):
             self.health.lost(exc)
             return False
+        if record.levelno == logging.INFO:
+            # saq's own lines print whole Job objects ("Finished Job<…>"); the runner logs one
+            # line per job event, so saq's detail is for --log-level debug.
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
         return True
 
 

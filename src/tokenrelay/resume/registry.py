@@ -51,12 +51,26 @@ class LiveStream:
     stopper: Callable[[str], None] | None = None
     """Stops the running answer (its upstream request too) with an outcome; None once it ended."""
     stop_reason: str | None = None
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
     _grace_timer: asyncio.TimerHandle | None = None
+    _end_waiters: list[asyncio.Future[None]] | None = None
+    """Made only when someone waits for the end (a stop): most streams never need one."""
 
     @property
     def running(self) -> bool:
         return self.stopper is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.log.ending is not None
+
+    async def wait_ended(self) -> None:
+        if self.ended:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._end_waiters is None:
+            self._end_waiters = []
+        self._end_waiters.append(waiter)
+        await waiter
 
 
 class Streams:
@@ -90,7 +104,10 @@ class Streams:
         if stream._grace_timer is not None:
             stream._grace_timer.cancel()
             stream._grace_timer = None
-        stream.ended.set()
+        for waiter in stream._end_waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        stream._end_waiters = None
         if stream.id in self._streams and stream.id not in self._finished:
             self._finished[stream.id] = stream
             self._finished_bytes += stream.log.size
@@ -146,8 +163,8 @@ class Streams:
             self._stop(stream, "stopped")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await stream.ended.wait()
-        return stream.ended.is_set()
+                await stream.wait_ended()
+        return stream.ended
 
     @staticmethod
     def _stop(stream: LiveStream, reason: str) -> None:

@@ -22,7 +22,7 @@ from ..resume.registry import LiveStream, new_stream_id
 from ..routing import Attempts, ModelRouter
 from ..schemas import ChatRequest, parse_model
 from ..state import app_state
-from ..streaming.live import live_body
+from ..streaming.live import Resume
 from ..streaming.record import Mode, StreamRecord
 from ..streaming.relay import CONTENT_TYPES, json_body
 from ..streaming.response import Body, StreamResponse
@@ -63,7 +63,7 @@ async def get_response(request: Request) -> StreamResponse:
     stream = streams.open(owner=client_name.get(), model=model, wire=mode, grace=resume_grace(request, settings))
     record = StreamRecord(request_id=request_id.get(), stream_id=stream.id, model=model, mode=mode,
                           prompt=last_user_message(chat) if settings.log_prompts else None)
-    wire = WIRES[mode]
+    resume = Resume(stream, WIRES[mode], streams)
 
     async def open_body() -> Body:
         try:
@@ -71,15 +71,11 @@ async def get_response(request: Request) -> StreamResponse:
         except BaseException as exc:  # refused, or stopped while the upstream was asked
             streams.finished(stream, _ending_of(exc, stream))
             raise
-        return live_body(deltas, record, stream, wire, streams)
-
-    def say_stopped() -> bytes | None:
-        return wire.ending(stream.log.ending) if stream.log.ending is not None else None
+        return resume.body(deltas, record)
 
     response = StreamResponse(open_body, headers=[*_HEADERS[mode], *_ids(record)], record=record,
-                              observer=state.metrics, ping=wire.ping, heartbeat=settings.heartbeat_interval,
-                              send_timeout=settings.send_timeout, on_disconnect=lambda: streams.detach(stream),
-                              on_stop=say_stopped)
+                              observer=state.metrics, ping=resume.wire.ping, heartbeat=settings.heartbeat_interval,
+                              send_timeout=settings.send_timeout, resumable=resume)
     stream.stopper = response.stop
     return response
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -48,6 +49,17 @@ Headers = list[tuple[bytes, bytes]]
 ErrorResponse = Callable[[TokenrelayError], tuple[int, Headers, bytes]]
 Body = AsyncGenerator[bytes, None]
 OpenBody = Callable[[], Awaitable[Body]]
+
+
+class Resumable(Protocol):
+    """An answer that outlives its connection (``streaming.live.Resume``)."""
+
+    def client_left(self) -> None:
+        """Its client is gone; the answer goes on into its log until it ends or is stopped."""
+
+    def closing_on_stop(self) -> bytes | None:
+        """What a client still connected is told when the answer is stopped on request;
+        None: the body breaks off."""
 
 
 class StreamStopped(TokenrelayError):
@@ -76,7 +88,7 @@ def tokenrelay_error(exc: TokenrelayError) -> tuple[int, Headers, bytes]:
 class StreamResponse:
     __slots__ = ("_abort", "_body", "_busy_since", "_closed", "_detached", "_last_send", "_open_body", "_ping",
                  "_send", "_stopped_by", "_task", "_timer", "error_response", "headers", "heartbeat", "observer",
-                 "on_disconnect", "on_stop", "ping", "record", "send_timeout")
+                 "ping", "record", "resumable", "send_timeout")
 
     def __init__(
         self,
@@ -89,8 +101,7 @@ class StreamResponse:
         heartbeat: float = 0.0,
         send_timeout: float = 0.0,
         error_response: ErrorResponse = tokenrelay_error,
-        on_disconnect: Callable[[], None] | None = None,
-        on_stop: Callable[[], bytes | None] | None = None,
+        resumable: Resumable | None = None,
     ) -> None:
         self._open_body: OpenBody | None = open_body
         self._body: Body | None = None
@@ -102,12 +113,9 @@ class StreamResponse:
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.error_response = error_response
-        self.on_disconnect = on_disconnect
-        """A resumable answer: told when its client leaves, instead of the answer being
-        stopped; the body goes on (into its log) until it ends or is stopped (``stop``)."""
-        self.on_stop = on_stop
-        """The closing bytes for a client still connected when the answer is stopped on
-        request (``stop("stopped")``); None: the body breaks off."""
+        self.resumable = resumable
+        """Told when its client leaves, instead of the answer being stopped; the body goes on
+        (into its log) until it ends or is stopped (``stop``)."""
         self._detached = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -190,7 +198,7 @@ class StreamResponse:
 
     async def _say_stopped(self, send: Send, started: bool) -> None:
         """Tell a client still connected that its answer was stopped on request."""
-        closing = self.on_stop() if self.on_stop is not None else None
+        closing = self.resumable.closing_on_stop() if self.resumable is not None else None
         if closing is None:
             stopped = StreamStopped("the answer was stopped (DELETE /api/streams/{id})")
             if started:
@@ -220,9 +228,9 @@ class StreamResponse:
     async def _listen_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        if self.on_disconnect is not None and not self._closed:
+        if self.resumable is not None and not self._closed:
             self._detached = True
-            self.on_disconnect()
+            self.resumable.client_left()
             return
         self._stop("client_cancelled")
 
