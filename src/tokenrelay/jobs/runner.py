@@ -58,6 +58,7 @@ async def run(ctx: JobContext, job_id: str) -> Job | None:
     if job.status is JobStatus.RUNNING:
         log.warning("job %s: its last run stopped with its process; running it again", job_id)
     await store.live_start(job_id)
+    log.info("job %s: running (model %s, run %d)", job_id, started.model, started.runs)
     began = time.perf_counter()
     pieces: list[str] = []
     finish_reason: str | None = None
