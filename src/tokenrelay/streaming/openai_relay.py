@@ -16,8 +16,10 @@ after it, the body ends with a ``data: {"error": …}`` event that the SDKs rais
 
 from __future__ import annotations
 
+import codecs
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -55,19 +57,40 @@ def v1_body(opened: Passthrough | AsyncIterator[Delta], record: StreamRecord, he
 
 # --- passthrough ---
 
+MAX_WHOLE_BODY = 64 << 20
+"""Bytes of a non-streamed answer (after decompression) held before it is refused: an
+answer is a few kilobytes; this bounds what a broken upstream can make tokenrelay hold."""
+_INFLATE_PIECE = 1 << 20
+"""Decompressed bytes made at a time: a small compressed chunk can hold megabytes."""
+
+
 async def pass_stream(response: UpstreamBody, record: StreamRecord, headers: Headers) -> AsyncGenerator[bytes, None]:
     headers.insert(0, (b"content-type", response.headers.get("content-type", "text/event-stream").encode()))
-    if "content-encoding" in response.headers:
-        headers.append((b"content-encoding", response.headers["content-encoding"].encode()))
     watch = StreamWatch()
+    # The client gets the events plain whatever the upstream did (it was asked for identity),
+    # and each piece is checked as UTF-8: the SDKs fail on anything else with their own error
+    # instead of an upstream error they can report.
+    utf8 = codecs.getincrementaldecoder("utf-8")()
     failure: UpstreamError | None = None
+    sent = False
     try:
-        async for chunk in response:
-            if record.first_token is None:
-                record.first_token = time.perf_counter()
-            record.bytes_out += len(chunk)
-            watch.feed(chunk)
-            yield chunk
+        inflate = _inflater(response.headers.get("content-encoding", ""))
+        async for raw in response:
+            for chunk in inflate(raw) if inflate is not None else (raw,):
+                try:
+                    utf8.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise UpstreamProtocolError(f"upstream sent bytes that are not UTF-8 in its event stream: {exc}") from None
+                if record.first_token is None:
+                    record.first_token = time.perf_counter()
+                record.bytes_out += len(chunk)
+                watch.feed(chunk)
+                sent = True
+                yield chunk
+    except UpstreamProtocolError as exc:
+        if not sent:
+            raise  # nothing reached the client yet: an honest 502
+        failure = exc
     except UpstreamError as exc:  # went silent, or hung up
         failure = exc
     finally:
@@ -88,22 +111,63 @@ async def pass_stream(response: UpstreamBody, record: StreamRecord, headers: Hea
 
 
 async def pass_whole(response: UpstreamBody, record: StreamRecord, headers: Headers) -> AsyncGenerator[bytes, None]:
+    """The upstream's JSON answer, checked to be one: anything else (an HTML error page
+    behind a 200, bytes that are not UTF-8) is a 502 in OpenAI's shape, which the SDKs raise,
+    rather than a 200 they would hand to the caller as a string."""
     try:
-        body = await response.read()
+        inflate = _inflater(response.headers.get("content-encoding", ""))
+        parts: list[bytes] = []
+        size = 0
+        async for raw in response:
+            for piece in inflate(raw) if inflate is not None else (raw,):
+                size += len(piece)
+                if size > MAX_WHOLE_BODY:
+                    raise UpstreamProtocolError(f"upstream answer is larger than {MAX_WHOLE_BODY >> 20} MiB")
+                parts.append(piece)
     except UpstreamTimeout:
         raise UpstreamTimeout("upstream did not finish its answer in time") from None
     finally:
         response.close()
+    body = b"".join(parts)
     record.first_token = time.perf_counter()
     record.bytes_out = len(body)
     try:
-        answer = orjson.loads(body)
-        record.usage = _usage(answer.get("usage"))
+        answer = orjson.loads(body)  # also refuses bytes that are not UTF-8
+    except orjson.JSONDecodeError:
+        kind = response.headers.get("content-type", "no content type")
+        raise UpstreamProtocolError(
+            f"upstream answered 200 with a body that is not JSON ({kind}): {body[:80].decode('utf-8', 'replace')!r}"
+        ) from None
+    if not isinstance(answer, dict):
+        raise UpstreamProtocolError("upstream answered 200 with JSON that is not an object")
+    record.usage = _usage(answer.get("usage"))
+    try:
         record.finish_reason = answer["choices"][0].get("finish_reason")
-    except (orjson.JSONDecodeError, AttributeError, LookupError, TypeError):
+    except (AttributeError, LookupError, TypeError):
         pass
-    headers.insert(0, (b"content-type", response.headers.get("content-type", "application/json").encode()))
+    headers.insert(0, (b"content-type", b"application/json"))
     yield body
+
+
+def _inflater(encoding: str) -> Callable[[bytes], list[bytes]] | None:
+    """A function from compressed pieces to plain ones for ``Content-Encoding``, None for none."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise UpstreamProtocolError(f"upstream answered in Content-Encoding {encoding!r}, which tokenrelay does not decode")
+    decompressor = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib, told by its header
+
+    def inflate(data: bytes) -> list[bytes]:
+        try:
+            pieces = [decompressor.decompress(data, _INFLATE_PIECE)]
+            while decompressor.unconsumed_tail:
+                pieces.append(decompressor.decompress(decompressor.unconsumed_tail, _INFLATE_PIECE))
+        except zlib.error as exc:
+            raise UpstreamProtocolError(f"upstream sent a broken {encoding} body: {exc}") from None
+        return [p for p in pieces if p]
+
+    return inflate
 
 
 # --- encode ---
