@@ -16,26 +16,7 @@ from yarl import URL
 from tokenrelay.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.providers.http import UpstreamClient
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-
-
-def chunked(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-async def read_request(reader: asyncio.StreamReader) -> None:
-    """Read one request, its head and its ``content-length`` body, off the connection."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-    await reader.readexactly(length)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait, giving the event loop its turns, until ``condition`` holds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
+from scripted import HEAD, Handler, chunked, read_request, serving, until
 
 
 async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
@@ -53,32 +34,6 @@ async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Await
         return b"".join(parts)
     finally:
         await client.aclose()
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[tuple[URL, list[asyncio.Task[None]]]]:
-    """A scripted upstream: ``handler`` serves each connection, which is closed when it
-    returns (or when the client hung up mid-request). Yields the URL and the connections'
-    tasks, which are awaited on the way out, whatever the block raised."""
-    handled: list[asyncio.Task[None]] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handled.append(asyncio.current_task())  # type: ignore[arg-type]
-        try:
-            await handler(reader, writer)
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        async with server:
-            yield URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"), handled
-    finally:
-        await asyncio.wait_for(asyncio.gather(*handled, return_exceptions=True), 5)
 
 
 async def with_server(handler: Handler, **kwargs) -> bytes:
@@ -292,10 +247,11 @@ def test_an_answer_left_unread_after_it_arrived_whole_keeps_a_connection_that_re
     assert asyncio.run(main()) == (b"data: [DONE]\n\n", 1)
 
 
-def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_new_one() -> None:
+def test_a_kept_connection_dropped_as_a_get_arrives_is_retried_once_on_a_new_one() -> None:
     """The race every keep-alive client meets: the upstream closes an idle connection just
-    as the next request is sent on it. No byte of answer came back, so the request goes
-    again on a new connection, and the caller sees only the answer."""
+    as the next request is sent on it. No byte of answer came back, so a GET goes again on
+    a new connection, and the caller sees only the answer. (A POST is not sent again:
+    tests/test_transport_conformance.py.)"""
     connections = 0
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -303,22 +259,17 @@ def test_a_kept_connection_dropped_as_the_request_arrives_is_retried_once_on_a_n
         connections += 1
         first_connection = connections == 1
         for answered in range(2):
-            await read_request(reader)
+            await reader.readuntil(b"\r\n\r\n")
             if first_connection and answered == 1:
                 return  # the second request on the kept connection: hang up, unanswered
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             await writer.drain()
 
-    async def go() -> list[bytes]:
-        bodies = []
+    async def go() -> list[tuple[int, bytes]]:
         async with client_of(handler) as (client, url, _):
-            for _ in range(2):
-                response = await client.post_stream(url, b"{}", {})
-                bodies.append(await response.read())
-                response.close()
-        return bodies
+            return [await client.get(url, {}, timeout=5) for _ in range(2)]
 
-    assert asyncio.run(go()) == [b"ok", b"ok"]
+    assert asyncio.run(go()) == [(200, b"ok"), (200, b"ok")]
     assert connections == 2
 
 
@@ -517,3 +468,27 @@ def test_an_https_upstream_is_verified_and_read(tmp_path, monkeypatch) -> None:
         asyncio.run(fetch_tls())
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     assert asyncio.run(fetch_tls()) == b"data: [DONE]\n\n"
+
+
+def test_an_upstream_that_stops_taking_the_request_is_a_timeout() -> None:
+    """The fast client's write timeout: an upstream that accepts the connection but reads
+    none of a large request fails it after ``connect_timeout`` seconds of not taking bytes,
+    not after the (much longer) wait for the first byte of answer."""
+    finished = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await finished.wait()  # reads nothing
+
+    async def go() -> float:
+        async with serving(handler) as (url, _):
+            client = UpstreamClient(pool_size=4, connect_timeout=0.3, read_timeout=30.0, spare_connection=False)
+            started = asyncio.get_running_loop().time()
+            try:
+                with pytest.raises(UpstreamTimeout, match="upstream did not take the request"):
+                    await client.post_stream(url, b"x" * (64 << 20), {})
+                return asyncio.get_running_loop().time() - started
+            finally:
+                finished.set()
+                await client.aclose()
+
+    assert asyncio.run(go()) < 10

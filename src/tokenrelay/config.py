@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -178,6 +188,20 @@ class Settings(BaseSettings):
         description="Keep one spare connection open to each upstream host, so a new stream does not wait "
                     "for the TCP and TLS handshakes when every open connection is busy.",
     )
+    upstream_client: Literal["auto", "fast", "aiohttp"] = Field(
+        default="auto",
+        description="The HTTP client for upstream requests. 'auto': tokenrelay's own fast client, and "
+                    "aiohttp for upstreams that HTTPS_PROXY/HTTP_PROXY (minus NO_PROXY) send through a proxy; "
+                    "'fast': always the fast one (proxies ignored); 'aiohttp': always aiohttp (more CPU per request).",
+    )
+    upstream_ca_bundle: FilePath | None = Field(
+        default=None,
+        description="PEM file of the certificate authorities trusted for https upstreams, instead of the system's.",
+    )
+    upstream_client_cert: FilePath | None = Field(
+        default=None,
+        description="PEM file with a client certificate and its private key, for upstreams that require mutual TLS.",
+    )
 
     # --- the built-in simulator ---
     sim_ttft: float = Field(default=0.25, ge=0, description="Simulated time to first token (s).")
@@ -270,6 +294,23 @@ class Settings(BaseSettings):
             if route.fallback is not None and route.fallback not in names:
                 raise ValueError(f"route {route.label!r}: fallback {route.fallback!r} names no route")
         return routes
+
+    @field_validator("upstream_ca_bundle", "upstream_client_cert")
+    @classmethod
+    def _check_pem(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        import ssl
+
+        # Loaded now, so a file that is not the PEM it should be stops start-up here.
+        try:
+            if info.field_name == "upstream_ca_bundle":
+                ssl.create_default_context(cafile=value)
+            else:
+                ssl.create_default_context().load_cert_chain(value)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load {value}: {exc}") from None
+        return value
 
     @field_validator("api_keys")
     @classmethod

@@ -113,6 +113,9 @@ class UpstreamError(TokenrelayError):
     """The HTTP status the upstream answered with, when it answered with one."""
     reason: str = ""
     """The upstream's own words for that status."""
+    request_sent: bool = False
+    """The request reached the upstream, which may have started on it: trying again could
+    run (and bill) the same answer twice."""
 
 
 class UpstreamRejected(UpstreamError):

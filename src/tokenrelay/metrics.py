@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -43,6 +44,7 @@ from prometheus_client import (
 )
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .access import route_path
 
@@ -60,7 +62,7 @@ _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-def route_label(scope: dict[str, Any]) -> str:
+def route_label(scope: Scope) -> str:
     """The template of the route that matched (Starlette puts it in the scope)."""
     path = getattr(scope.get("route"), "path", None)
     return path if isinstance(path, str) and path else "other"
@@ -141,17 +143,21 @@ class MetricsMiddleware:
     """Counts requests by route and status for every route but the stream route (see the
     module docstring). Plain ASGI."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] != "http" or route_path(scope) in STREAM_PATHS:
-            await self.app(scope, receive, send)
-            return
+            # The stream's coroutine itself, not awaited here: no frame of this middleware
+            # stays alive beside each open stream.
+            return self.app(scope, receive, send)
+        return self._counted(scope, receive, send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 500  # an exception that escapes before the response starts
 
-        async def send_and_note(message: dict[str, Any]) -> None:
+        async def send_and_note(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

@@ -177,6 +177,8 @@ def _is_glob(pattern: str) -> bool:
 
 
 def retryable(exc: UpstreamError) -> bool:
+    if exc.request_sent:
+        return False
     if isinstance(exc, (UpstreamUnavailable, UpstreamRateLimited)):
         return True
     return exc.upstream_status is not None and exc.upstream_status >= 500

@@ -5,12 +5,15 @@ Written for one job — send a request, read a streamed answer piece by piece, k
 connection for the next request — because on the relay's hot path the general clients cost
 more than everything else tokenrelay does per request: aiohttp 188 µs of CPU per request,
 this 103 µs (docs/performance.md). What it leaves out on purpose: redirects,
-cookies, proxies, compression (the body passes through as sent), HTTP/2 and ``Expect``.
+cookies, proxies (``make_client`` gives an upstream behind one to aiohttp), HTTP/2 and
+``Expect``. Interim 1xx responses are skipped; a gzip or deflate body, sent although
+``identity`` was asked for, is decoded.
 
-``Pool.request`` returns a ``Connection`` whose response headers have arrived; the caller
-reads the body with ``read`` and hands the connection back with ``release``, which keeps it
-for reuse if the answer was read to its end, and closes it otherwise — closing is how an
-upstream learns that nobody is waiting for the rest.
+``Pool`` is a ``transport.Transport``: ``Pool.request`` returns a ``Connection`` (an
+``Exchange``) whose response headers have arrived; the caller reads the body with ``read``
+and hands the connection back with ``release``, which keeps it for reuse if the answer was
+read to its end, and closes it otherwise — closing is how an upstream learns that nobody is
+waiting for the rest. Idle connections are closed after ``idle_keep`` seconds.
 
 The pool keeps one spare connection ready per host (``spare``, as Envoy's "preconnect"):
 a request that takes the last idle connection, or finds none, has another opened in the
@@ -22,12 +25,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import logging
+import socket
 import ssl
 import time
-from typing import cast
+import zlib
+from collections.abc import Mapping
+from typing import Any, cast
+
+import aiohappyeyeballs
 import httptools
 from yarl import URL
+
+from .transport import (
+    CHECKED_NAMES,
+    BadResponse,
+    ConnectionLost,
+    RequestUnanswered,
+    ConnectTimeout,
+    Decoder,
+    InvalidHeader,
+    WriteTimeout,
+    check_header,
+    decoder_for,
+)
 
 log = logging.getLogger("tokenrelay.upstream")
 
@@ -40,14 +62,13 @@ the upstream down through TCP, instead of tokenrelay buffering the whole answer.
 READ_LOW_WATER = 16 * 1024
 IDLE_KEEP = 15.0
 """Seconds an idle connection is kept for reuse."""
+HAPPY_EYEBALLS_DELAY = 0.25
+"""Seconds before the next address of a host is tried while one is still connecting (RFC
+8305's recommended value): an IPv6 address that swallows packets costs a quarter of a
+second, not the whole connect timeout."""
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE"))
 
-
-class ConnectionLost(Exception):
-    """The connection closed (or broke) before the answer was complete."""
-
-
-class BadResponse(Exception):
-    """The upstream's bytes are not an HTTP/1.1 response."""
+__all__ = ["BadResponse", "Connection", "ConnectionLost", "InvalidHeader", "Pool"]
 
 
 class Connection(asyncio.Protocol):
@@ -63,6 +84,7 @@ class Connection(asyncio.Protocol):
         self._paused = False  # reading paused while too much body waits unread
         self.closed = False
         self.idle_since = 0.0
+        self._write_timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -74,6 +96,8 @@ class Connection(asyncio.Protocol):
         self.reason = ""
         self.headers: dict[str, str] = {}
         self.complete = False
+        self._interim = False  # parsing a 1xx response, which precedes the real one
+        self._decoder: Decoder | None = None
         self.received = False  # any byte of this request's response
         self._keep_alive = False
         self._stray = False  # bytes after the answer, which nobody asked for
@@ -103,6 +127,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_write_timer()
         self._pool.forget(self)
         if self.status and self._until_close and exc is None and not self.complete:
             self.on_message_complete()  # a body that ends where the connection does
@@ -112,11 +137,23 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # A request is written whole, once; the transport keeps what the socket has not
-        # taken yet, and nothing else is waiting to write.
-        pass
+        # taken yet. An upstream that stops taking it for ``write_timeout`` seconds is not
+        # reading: the request fails then, rather than when the first-byte timeout ends.
+        if self._write_timer is None and not self.status:
+            self._write_timer = self._loop.call_later(self._pool.write_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
-        pass
+        self._stop_write_timer()
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if not self.status:
+            self.abort(WriteTimeout(f"the upstream took no part of the request for {self._pool.write_timeout:g} s"))
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     # --- httptools callbacks ---
 
@@ -134,19 +171,47 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._stray:
-            self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+            # transport.join_header, inlined: this runs for every header of every answer
+            key = name.decode("latin-1").lower()
+            headers = self.headers
+            if key in headers:
+                headers[key] += ", " + value.decode("latin-1")
+            else:
+                headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         if self._stray:
             return
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:  # nothing was asked to be upgraded
+                self._fail(BadResponse("the upstream answered 101 Switching Protocols"))
+                self.close()
+                return
+            # 100 Continue, 103 Early Hints…: the answer follows on the same connection.
+            self._interim = True
+            self.reason = ""
+            self.headers = {}
+            return
+        self.status = status
+        headers = self.headers
         self._keep_alive = self._parser.should_keep_alive()
-        self._until_close = "content-length" not in self.headers and "transfer-encoding" not in self.headers
+        self._until_close = "content-length" not in headers and "transfer-encoding" not in headers
+        encoding = headers.get("content-encoding")
+        if encoding is not None:
+            self._decoder = decoder_for(encoding)
+            if self._decoder is not None:  # the body is handed on decoded
+                del headers["content-encoding"]
+                headers.pop("content-length", None)
         self._wake_headers()
 
     def on_body(self, body: bytes) -> None:
         if self._stray:
             return
+        if self._decoder is not None:
+            body = self._decode(body)
+            if not body:
+                return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > READ_HIGH_WATER and not self._paused and self.transport is not None:
@@ -157,9 +222,35 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._stray:
             return
+        if self._interim:
+            self._interim = False
+            return
+        if self._decoder is not None:
+            self._flush_decoder()
         self.complete = True
         self._wake_headers()
         self._wake()
+
+    def _flush_decoder(self) -> None:
+        assert self._decoder is not None
+        try:
+            rest = self._decoder.flush()
+        except zlib.error as exc:
+            self._fail(BadResponse(f"the upstream's compressed body is corrupt: {exc}"))
+            return
+        if rest:
+            self._body.append(rest)
+            self._buffered += len(rest)
+
+    def _decode(self, body: bytes) -> bytes:
+        assert self._decoder is not None
+        try:
+            return self._decoder.decompress(body)
+        except zlib.error as exc:
+            self._decoder = None
+            self._fail(BadResponse(f"the upstream's compressed body is corrupt: {exc}"))
+            self.close()
+            return b""
 
     # --- used by the pool and the response ---
 
@@ -230,6 +321,7 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
+        self._stop_write_timer()
         self._pool.forget(self)
 
     def _fail(self, exc: BaseException) -> None:
@@ -254,36 +346,51 @@ class Pool:
     time (more wait for a turn), and about as many connections open, plus one spare per
     host when ``spare`` is on (see the module docstring)."""
 
-    def __init__(self, *, size: int, spare: bool = True) -> None:
+    name = "fast"
+
+    def __init__(self, *, size: int, connect_timeout: float, write_timeout: float | None = None,
+                 spare: bool = True, idle_keep: float = IDLE_KEEP, ssl_context: ssl.SSLContext | None = None) -> None:
         self.size = size
         self.spare = spare
+        self.connect_timeout = connect_timeout
+        self.write_timeout = write_timeout or connect_timeout
+        self.idle_keep = idle_keep
+        self._reaper: asyncio.TimerHandle | None = None
         # Idle connections per host, oldest first (a dict is an ordered set that can also
         # drop a connection the upstream closed while it waited).
         self._idle: dict[Key, dict[Connection, None]] = {}
         self._open: set[Connection] = set()
         self._slots: asyncio.Semaphore | None = None  # made in the event loop, on first use
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
         self._spares_opening: dict[Key, asyncio.Task[None]] = {}
         self._closed = False
 
-    async def request(self, method: str, url: URL, headers: dict[str, str], body: bytes | None,
-                      *, connect_timeout: float) -> Connection:
+    async def request(self, method: str, url: URL, headers: Mapping[str, str], body: bytes | None) -> Connection:
         """Send the request and wait for the response headers; the caller must ``release``
-        the connection. A kept connection that the upstream closed meanwhile (found out
-        before any byte of answer came back) is replaced by a new one, once."""
+        the connection.
+
+        A kept connection can be closed by the upstream just as a request goes out on it.
+        One found closed before the request was written is passed over. One that drops
+        after it, before any byte of answer, is replaced by a new one, once — for an
+        idempotent method only: a POST may have reached the upstream and started a
+        generation, which the caller must not pay for twice (what aiohttp and httpx do too)."""
         data = _head(method, url, headers, body) + (body or b"")
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.size)
         await self._slots.acquire()
         key = _key(url)
+        connect_timeout = self.connect_timeout
         try:
             conn, reused = await self._connection(key, connect_timeout)
             self._ready_spare(key, connect_timeout)
             try:
                 await _exchange(conn, data)
-            except ConnectionLost:
-                if not reused or conn.received:
+            except RequestUnanswered:
+                if not reused:
                     raise
+                if method not in IDEMPOTENT:
+                    raise RequestUnanswered("the upstream closed a kept connection as the request arrived; "
+                                            "not sent again, as the upstream may have started on it") from None
                 conn, _ = await self._connection(key, connect_timeout)
                 await _exchange(conn, data)
         except BaseException:
@@ -303,7 +410,8 @@ class Pool:
             conn, _ = idle.popitem()  # the most recently used: the least likely to have been closed
             # Bytes that came while it sat idle (a server's "408" before it hangs up) would
             # be read as the next request's answer.
-            if not conn.closed and not conn.received and now - conn.idle_since < IDLE_KEEP:
+            if (not conn.closed and not conn.received and now - conn.idle_since < self.idle_keep
+                    and conn.transport is not None and not conn.transport.is_closing()):
                 return conn, True
             conn.close()
         if len(self._open) >= self.size:
@@ -313,10 +421,22 @@ class Pool:
     async def _connect(self, key: Key, connect_timeout: float) -> Connection:
         loop = asyncio.get_running_loop()
         ssl_context = self._ssl_context() if key[0] == "https" else None
-        async with asyncio.timeout(connect_timeout):
-            transport, conn = await loop.create_connection(lambda: Connection(self, key), key[1], key[2],
-                                                           ssl=ssl_context,
-                                                           server_hostname=key[1] if ssl_context else None)
+        try:
+            async with asyncio.timeout(connect_timeout):
+                # Happy Eyeballs by aiohappyeyeballs (aiohttp's own): uvloop's
+                # create_connection has no happy_eyeballs_delay.
+                sock = await aiohappyeyeballs.start_connection(await _resolve(loop, key[1], key[2]),
+                                                               happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                                                               interleave=1)
+                try:
+                    transport, conn = await loop.create_connection(
+                        lambda: Connection(self, key), sock=sock, ssl=ssl_context,
+                        server_hostname=key[1] if ssl_context else None)
+                except BaseException:
+                    sock.close()
+                    raise
+        except TimeoutError:
+            raise ConnectTimeout(f"no connection to {key[1]} port {key[2]} within {connect_timeout:g} s") from None
         conn.transport = transport  # uvloop calls connection_made a moment later
         self._open.add(conn)
         return conn
@@ -333,7 +453,7 @@ class Pool:
     async def _open_spare(self, key: Key, connect_timeout: float) -> None:
         try:
             conn = await self._connect(key, connect_timeout)
-        except OSError as exc:  # refused or unreachable; TimeoutError and ssl.SSLError are OSErrors too
+        except (OSError, ConnectTimeout) as exc:  # refused or unreachable; ssl.SSLError is an OSError too
             # No request waits for it; the next one that needs a connection opens its own.
             log.debug("spare connection to %s:%s not opened: %s", key[1], key[2], exc)
             return
@@ -347,6 +467,24 @@ class Pool:
     def keep(self, conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, {})[conn] = None
+        if self._reaper is None and not self._closed:
+            self._reaper = asyncio.get_running_loop().call_later(self.idle_keep, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections idle for ``idle_keep`` seconds: an upstream (or a NAT on the
+        way) forgets a silent connection sooner or later, and an idle one holds a socket on
+        both ends. One timer per pool, armed while any connection is idle."""
+        self._reaper = None
+        now = time.monotonic()
+        oldest = now
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                if now - conn.idle_since >= self.idle_keep:
+                    conn.close()
+                else:
+                    oldest = min(oldest, conn.idle_since)
+        if any(self._idle.values()) and not self._closed:
+            self._reaper = asyncio.get_running_loop().call_later(max(oldest + self.idle_keep - now, 0.01), self._reap)
 
     def forget(self, conn: Connection) -> None:
         self._open.discard(conn)
@@ -364,8 +502,14 @@ class Pool:
             self._ssl = ssl.create_default_context()
         return self._ssl
 
+    async def aclose(self) -> None:
+        self.close()
+
     def close(self) -> None:
         self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for task in self._spares_opening.values():
             task.cancel()
         for conn in list(self._open):
@@ -377,25 +521,50 @@ def _key(url: URL) -> Key:
     return url.scheme, url.raw_host or "", url.port or (443 if url.scheme == "https" else 80)
 
 
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[AddrInfo]:
+    """The host's addresses, in the resolver's order; an address literal without a lookup."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"{host} has no address") from None
+        return [(int(i[0]), int(i[1]), i[2], i[3], i[4]) for i in infos]
+    if ip.version == 6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+
+
 async def _exchange(conn: Connection, data: bytes) -> None:
     """Send a request on ``conn`` and wait for its response headers; a connection that
     failed or was given up on meanwhile is closed."""
     try:
         conn.send(data)
-        await conn.response_headers()
+        try:
+            await conn.response_headers()
+        except ConnectionLost as exc:
+            if conn.received:
+                raise
+            raise RequestUnanswered(str(exc)) from None
     except BaseException:
         conn.close()
         raise
 
 
-def _head(method: str, url: URL, headers: dict[str, str], body: bytes | None) -> bytes:
+def _head(method: str, url: URL, headers: Mapping[str, str], body: bytes | None) -> bytes:
     host = url.raw_host or ""
+    if ":" in host:  # an IPv6 address: "[::1]:8080", not "::1:8080"
+        host = f"[{host}]"
     if url.port is not None and not url.is_default_port():
         host = f"{host}:{url.port}"
     lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"host: {host}"]
     for name, value in headers.items():
-        if "\r" in value or "\n" in value:
-            raise ValueError(f"header {name!r} holds a line break")
+        # check_header's test, inlined for the common case (a known name, a clean value)
+        if name not in CHECKED_NAMES or "\r" in value or "\n" in value or "\0" in value:
+            check_header(name, value)
         lines.append(f"{name}: {value}")
     if body is not None:
         lines.append(f"content-length: {len(body)}")

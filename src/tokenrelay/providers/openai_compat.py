@@ -14,20 +14,12 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from ..config import Settings
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from ..schemas import ChatRequest
 from .sse_decoder import SSEDecoder
 from .base import Delta, OpenAIRequest, Passthrough, Usage, event_object
 from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, error_message
-
-
-def make_client(settings: Settings, *, connect_timeout: float | None = None,
-                read_timeout: float | None = None) -> UpstreamClient:
-    return UpstreamClient(pool_size=settings.pool_size,
-                          connect_timeout=connect_timeout or settings.connect_timeout,
-                          read_timeout=read_timeout or settings.read_timeout,
-                          spare_connection=settings.spare_connection)
+from .http import make_client as make_client  # the transport factory, where routing.py imports it from
 
 
 class OpenAICompatible:

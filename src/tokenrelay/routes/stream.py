@@ -54,16 +54,16 @@ async def get_response(request: Request) -> StreamResponse:
             record.attempts = str(attempts)
         return BODIES[mode](deltas, record)
 
-    headers = [
-        (b"content-type", CONTENT_TYPES[mode]),
-        (b"cache-control", b"no-cache, no-transform"),
-        (b"x-accel-buffering", b"no"),
-        (b"x-request-id", record.request_id.encode()),
-        (b"x-stream-id", record.stream_id.encode()),
-    ]
+    headers = [*_HEADERS[mode], (b"x-request-id", record.request_id.encode()),
+               (b"x-stream-id", record.stream_id.encode())]
     return StreamResponse(open_body, headers=headers, record=record, observer=state.metrics,
                           ping=sse.PING if mode == "sse" else None, heartbeat=settings.heartbeat_interval,
                           send_timeout=settings.send_timeout)
+
+
+# Shared by every stream of a mode rather than built for each (memory per open stream).
+_HEADERS = {mode: ((b"content-type", content_type), (b"cache-control", b"no-cache, no-transform"),
+                   (b"x-accel-buffering", b"no")) for mode, content_type in CONTENT_TYPES.items()}
 
 
 def last_user_message(chat: ChatRequest) -> str:

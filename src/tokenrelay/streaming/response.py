@@ -69,6 +69,10 @@ def tokenrelay_error(exc: TokenrelayError) -> tuple[int, Headers, bytes]:
 
 
 class StreamResponse:
+    __slots__ = ("_abort", "_body", "_busy_since", "_closed", "_last_send", "_open_body", "_ping", "_send",
+                 "_stopped_by", "_task", "_timer", "error_response", "headers", "heartbeat", "observer", "ping",
+                 "record", "send_timeout")
+
     def __init__(
         self,
         open_body: OpenBody,
