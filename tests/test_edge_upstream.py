@@ -5,6 +5,8 @@ loopback (the request's ``model`` picks the script); the relay and the official 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import http.server
 import json
@@ -188,3 +190,37 @@ def test_sse_decoder_refuses_an_event_past_the_cap() -> None:
     with pytest.raises(UpstreamProtocolError, match="event larger than"):
         for _ in range(MAX_LINE // 65536 + 1):
             decoder.feed(b"data: " + b"z" * 65536 + b"\n")
+
+
+@pytest.mark.parametrize("kind", ["fast", "aiohttp"])
+@pytest.mark.parametrize("head", ["one long header", "many headers"])
+def test_response_headers_past_the_cap_are_a_protocol_error(kind: str, head: str) -> None:
+    from scripted import read_request, serving
+
+    from tokenrelay.providers.http import UpstreamClient
+
+    if head == "one long header":
+        headers = b"x-big: " + b"a" * (8 << 20) + b"\r\n"
+    else:
+        headers = b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 1000) for i in range(2000))
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"content-length: 2\r\n\r\nok")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    async def go() -> None:
+        async with serving(upstream) as (url, _):
+            client = UpstreamClient(pool_size=2, connect_timeout=5, read_timeout=5, spare_connection=False,
+                                    client=kind)  # type: ignore[arg-type]
+            try:
+                started = time.process_time()
+                with pytest.raises(UpstreamProtocolError, match="headers are larger than"):
+                    await client.post_stream(url, b"{}", {"content-type": "application/json"})
+                # refused at the cap, not after parsing all of it
+                assert time.process_time() - started < 0.5
+            finally:
+                await client.aclose()
+
+    asyncio.run(go())

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import codecs
 import time
-import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -58,10 +57,8 @@ def v1_body(opened: Passthrough | AsyncIterator[Delta], record: StreamRecord, he
 # --- passthrough ---
 
 MAX_WHOLE_BODY = 64 << 20
-"""Bytes of a non-streamed answer (after decompression) held before it is refused: an
-answer is a few kilobytes; this bounds what a broken upstream can make tokenrelay hold."""
-_INFLATE_PIECE = 1 << 20
-"""Decompressed bytes made at a time: a small compressed chunk can hold megabytes."""
+"""Bytes of a non-streamed answer held before it is refused: an answer is a few kilobytes;
+this bounds what a broken upstream can make tokenrelay hold."""
 
 
 async def pass_stream(response: UpstreamBody, record: StreamRecord, headers: Headers) -> AsyncGenerator[bytes, None]:
@@ -74,19 +71,18 @@ async def pass_stream(response: UpstreamBody, record: StreamRecord, headers: Hea
     failure: UpstreamError | None = None
     sent = False
     try:
-        inflate = _inflater(response.headers.get("content-encoding", ""))
-        async for raw in response:
-            for chunk in inflate(raw) if inflate is not None else (raw,):
-                try:
-                    utf8.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    raise UpstreamProtocolError(f"upstream sent bytes that are not UTF-8 in its event stream: {exc}") from None
-                if record.first_token is None:
-                    record.first_token = time.perf_counter()
-                record.bytes_out += len(chunk)
-                watch.feed(chunk)
-                sent = True
-                yield chunk
+        _check_encoding(response)
+        async for chunk in response:
+            try:
+                utf8.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise UpstreamProtocolError(f"upstream sent bytes that are not UTF-8 in its event stream: {exc}") from None
+            if record.first_token is None:
+                record.first_token = time.perf_counter()
+            record.bytes_out += len(chunk)
+            watch.feed(chunk)
+            sent = True
+            yield chunk
     except UpstreamProtocolError as exc:
         if not sent:
             raise  # nothing reached the client yet: an honest 502
@@ -115,15 +111,14 @@ async def pass_whole(response: UpstreamBody, record: StreamRecord, headers: Head
     behind a 200, bytes that are not UTF-8) is a 502 in OpenAI's shape, which the SDKs raise,
     rather than a 200 they would hand to the caller as a string."""
     try:
-        inflate = _inflater(response.headers.get("content-encoding", ""))
+        _check_encoding(response)
         parts: list[bytes] = []
         size = 0
-        async for raw in response:
-            for piece in inflate(raw) if inflate is not None else (raw,):
-                size += len(piece)
-                if size > MAX_WHOLE_BODY:
-                    raise UpstreamProtocolError(f"upstream answer is larger than {MAX_WHOLE_BODY >> 20} MiB")
-                parts.append(piece)
+        async for piece in response:
+            size += len(piece)
+            if size > MAX_WHOLE_BODY:
+                raise UpstreamProtocolError(f"upstream answer is larger than {MAX_WHOLE_BODY >> 20} MiB")
+            parts.append(piece)
     except UpstreamTimeout:
         raise UpstreamTimeout("upstream did not finish its answer in time") from None
     finally:
@@ -149,25 +144,12 @@ async def pass_whole(response: UpstreamBody, record: StreamRecord, headers: Head
     yield body
 
 
-def _inflater(encoding: str) -> Callable[[bytes], list[bytes]] | None:
-    """A function from compressed pieces to plain ones for ``Content-Encoding``, None for none."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return None
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+def _check_encoding(response: UpstreamBody) -> None:
+    """The transport decodes gzip and deflate; a body still encoded cannot be checked, and
+    most clients could not read it either."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
         raise UpstreamProtocolError(f"upstream answered in Content-Encoding {encoding!r}, which tokenrelay does not decode")
-    decompressor = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib, told by its header
-
-    def inflate(data: bytes) -> list[bytes]:
-        try:
-            pieces = [decompressor.decompress(data, _INFLATE_PIECE)]
-            while decompressor.unconsumed_tail:
-                pieces.append(decompressor.decompress(decompressor.unconsumed_tail, _INFLATE_PIECE))
-        except zlib.error as exc:
-            raise UpstreamProtocolError(f"upstream sent a broken {encoding} body: {exc}") from None
-        return [p for p in pieces if p]
-
-    return inflate
 
 
 # --- encode ---
