@@ -203,6 +203,9 @@ def completion_id(record: StreamRecord) -> str:
 def _usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
-    prompt = int(raw.get("prompt_tokens") or 0)
-    completion = int(raw.get("completion_tokens") or 0)
-    return Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
+    try:
+        prompt = int(raw.get("prompt_tokens") or 0)
+        completion = int(raw.get("completion_tokens") or 0)
+        return Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
+    except (TypeError, ValueError):  # the answer goes on as sent; only the log line lacks its usage
+        return None
