@@ -31,6 +31,11 @@ event is a token or two — a few hundred bytes; a whole answer sent as one even
 below this. Past it, an upstream that never ends its line would have tokenrelay hold it all."""
 
 
+_JOIN_BELOW = 16 << 10
+"""An unfinished line shorter than this is joined with the next read and searched again; a
+longer one is kept in pieces, so that a line arriving in many reads costs linear time."""
+
+
 class SSELineTooLong(UpstreamProtocolError):
     pass
 
@@ -66,8 +71,13 @@ class SSEDecoder:
                 return []
             self._started = True
             chunk = buf[3:] if buf.startswith(b"\xef\xbb\xbf") else buf
-        elif self._pending:
-            # Only the new bytes are searched for the end of the waiting line.
+        elif self._pending_size < _JOIN_BELOW:
+            # The usual case — an event split across two reads: one join is the cheapest.
+            if self._pending:
+                chunk = self._pending[0] + chunk if len(self._pending) == 1 else b"".join(self._pending) + chunk
+                self._pending, self._pending_size = [], 0
+        else:
+            # A long line: only the new bytes are searched for its end, and it is joined once.
             end = _LINE_END.search(chunk)
             if end is None:
                 self._hold(chunk)
