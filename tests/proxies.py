@@ -141,8 +141,20 @@ def _no_reemit(conf: str) -> str:
                     what="proxy_pass_header X-Accel-Buffering")
 
 
+STREAM_MARK = "X-Test-Stream-Location"
+
+
+def _marked(conf: str) -> str:
+    """The shipped config, with a header marking each response that went through the stream
+    routes' ``location``: which paths it covers, as nginx itself matches them."""
+    return _replace(conf, r"^(\s*)proxy_pass_header X-Accel-Buffering;",
+                    rf"\g<0>\n\1add_header {STREAM_MARK} yes always;", what="proxy_pass_header X-Accel-Buffering")
+
+
 NGINX_VARIANTS: dict[str, Callable[[str], str]] = {
     "shipped": lambda conf: conf,
+    # shipped, with the stream location's responses marked (STREAM_MARK)
+    "marked": _marked,
     # gzip on for text/plain and text/event-stream, buffering on: streams only because
     # nginx obeys the app's X-Accel-Buffering: no.
     "gzip": _gzip_buffering,
@@ -205,9 +217,16 @@ http {{
 
 # --- Caddy ---------------------------------------------------------------------------------
 
-def caddyfile(upstream_url: str, *, port: int, read_timeout: float | None = None) -> str:
-    """The shipped Caddyfile, pointed at ``upstream_url`` and serving plain HTTP on ``port``."""
+COMPRESSIBLE_MARK = "X-Test-Compressible"
+
+
+def caddyfile(upstream_url: str, *, port: int, read_timeout: float | None = None, marked: bool = False) -> str:
+    """The shipped Caddyfile, pointed at ``upstream_url`` and serving plain HTTP on ``port``;
+    ``marked``: responses that ``@compressible`` matches carry ``COMPRESSIBLE_MARK``."""
     conf = CADDYFILE.read_text()
+    if marked:
+        conf = _replace(conf, r"^(\s*)encode @compressible gzip", rf"\g<0>\n\1header @compressible {COMPRESSIBLE_MARK} yes",
+                        what="encode @compressible gzip")
     conf = _replace(conf, r"^tokenrelay\.example\.com \{", f"http://127.0.0.1:{port} {{", what="the site address")
     conf = _replace(conf, r"^(\s*)reverse_proxy 127\.0\.0\.1:8000 \{",
                     rf"\g<1>reverse_proxy {_host_port(upstream_url)} {{", what="the upstream address")
@@ -218,12 +237,12 @@ def caddyfile(upstream_url: str, *, port: int, read_timeout: float | None = None
     return "{\n\tadmin off\n}\n\n" + conf
 
 
-def start_caddy(upstream_url: str, *, read_timeout: float | None = None) -> Proxy:
+def start_caddy(upstream_url: str, *, read_timeout: float | None = None, marked: bool = False) -> Proxy:
     """Caddy running the shipped Caddyfile in front of ``upstream_url``."""
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-caddy-"))
     port = free_port()
     config_path = workdir / "Caddyfile"
-    config_path.write_text(caddyfile(upstream_url, port=port, read_timeout=read_timeout))
+    config_path.write_text(caddyfile(upstream_url, port=port, read_timeout=read_timeout, marked=marked))
     env = {"HOME": str(workdir), "XDG_DATA_HOME": str(workdir / "data"), "XDG_CONFIG_HOME": str(workdir / "config")}
     args = [CADDY, "run", "--config", str(config_path), "--adapter", "caddyfile"]
     return Proxy("caddy", args, port=port, workdir=workdir, config_path=config_path, env=env)

@@ -37,12 +37,14 @@ def post(relay: RelayServer, key: str | None = None, *, path: str = "/api/get-re
 
 
 @contextlib.contextmanager
-def open_stream(relay: RelayServer, key: str | None) -> Iterator[httpx.Response]:
+def open_stream(relay: RelayServer, key: str | None, *, grace: str = "0") -> Iterator[httpx.Response]:
     """A stream that is running (its first piece arrived) until the block ends; the client
-    then hangs up, midway."""
+    then hangs up, midway — for good with ``grace`` 0, else the answer waits that long for a
+    resume (docs/resume.md)."""
     with httpx.Client(timeout=30) as client:
+        headers = {**(bearer(key) if key else {}), "x-resume-grace": grace}
         with client.stream("POST", relay.url + "/api/get-response", json=chat("hi", model=SLOW),
-                           headers=bearer(key) if key else {}) as response:
+                           headers=headers) as response:
             assert response.status_code == 200, response.read()
             pieces = response.iter_raw()  # kept: dropping the iterator would close the stream
             next(pieces)
@@ -217,6 +219,20 @@ def test_concurrent_streams_per_key(start_relay, sim_server: SimServer) -> None:
     refused = post(relay, one, model="sim:fault=http-500")
     assert refused.status_code == 502
     assert post(relay, one).status_code == 200
+
+
+def test_a_stream_waiting_for_its_resume_keeps_its_slot_until_stopped(start_relay, sim_server: SimServer) -> None:
+    """Hanging up does not end a resumable answer, so it still counts against its key;
+    stopping it gives the slot back — or hanging up and coming back would open any number."""
+    one = new_key()
+    relay = start_relay(upstream=sim_upstream(sim_server), TOKENRELAY_API_KEYS=one,
+                        TOKENRELAY_MAX_CONCURRENT_STREAMS_PER_KEY="1")
+    with open_stream(relay, one, grace="30") as response:
+        stream_id = response.headers["x-stream-id"]
+    assert_busy(post(relay, one))
+    stopped = httpx.delete(f"{relay.url}/api/streams/{stream_id}", headers=bearer(one))
+    assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+    wait_until(lambda: post(relay, one).status_code == 200, timeout=10)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["memory", "redis"])

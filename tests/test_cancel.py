@@ -1,6 +1,8 @@
 """A client that goes away stops the model: the relay closes its upstream request within a
-second — midway, while still waiting for the first token, and in the one-shot mode. The
-standalone simulator counts its open and client-cancelled streams, which is what we check."""
+second — midway, while still waiting for the first token, and in the one-shot mode — when
+the answer has no grace to be resumed in (``X-Resume-Grace: 0``, or a one-shot answer); with
+grace, only once nobody has read it for that long (docs/resume.md). The standalone simulator
+counts its open and client-cancelled streams, which is what we check."""
 
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ from servers import RelayServer, SimServer, wait_until
 from streams import chat
 
 
-def open_request(relay: RelayServer, body: dict, *, accept: str = "text/plain") -> socket.socket:
+def open_request(relay: RelayServer, body: dict, *, accept: str = "text/plain",
+                 grace: float | None = 0) -> socket.socket:
+    """A request on a raw socket; ``grace`` is sent as ``X-Resume-Grace`` (None: the default)."""
     payload = orjson.dumps(body)
     sock = socket.create_connection(("127.0.0.1", relay.port))
+    extra = f"X-Resume-Grace: {grace:g}\r\n" if grace is not None else ""
     sock.sendall(
         b"POST /api/get-response HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        + f"Accept: {accept}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + f"Accept: {accept}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
     return sock

@@ -50,7 +50,11 @@ def test_ask_fails_loudly_when_the_stream_breaks(relay_server: RelayServer, sse:
     result = ask(relay_server, *(["--sse"] if sse else []), "--model", "sim:fault=error-mid,tps=0,tokens=10", "hi")
     assert result.exit_code == 1
     assert result.stdout  # what arrived is still shown
-    assert "the stream failed midway" in result.stderr
+    if sse:  # the error event says why
+        assert "the stream failed midway: upstream_error" in result.stderr
+    else:  # a plain-text body cannot say why: plain words, and where to find the reason
+        assert "the answer broke off midway and is incomplete; ask again with --sse" in result.stderr
+        assert "peer closed" not in result.stderr
 
 
 def test_ask_reports_a_refusal(relay_server: RelayServer) -> None:

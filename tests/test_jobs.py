@@ -270,12 +270,25 @@ def test_private_addresses_are_refused_by_default(sim_server: SimServer,
                                                   start_relay: Callable[..., RelayServer]) -> None:
     relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_WEBHOOK_SECRET=SECRET, **FAST_RETRIES)
     with running_receiver() as (url, receiver), httpx.Client(base_url=relay.url, timeout=10) as client:
-        for hook in (url, url.replace("127.0.0.1", "localhost")):
-            job_id = submit(client, chat(model="sim:ttft=0,tps=0", webhook_url=hook))["id"]
-            record = wait_webhook(client, job_id, "failed")
-            assert len(record["deliveries"]) == 1  # refused for good, not retried
-            assert "TOKENRELAY_WEBHOOK_ALLOW_PRIVATE" in record["deliveries"][0]["error"]
+        # A literal address is refused when the job is submitted...
+        for literal in (url, url.replace("127.0.0.1", "[::ffff:127.0.0.1]"), "http://[64:ff9b::a00:1]/hook"):
+            response = client.post("/api/jobs", json=chat(model="sim:ttft=0,tps=0", webhook_url=literal))
+            assert response.status_code == 422, literal
+            assert "TOKENRELAY_WEBHOOK_ALLOW_PRIVATE" in response.json()["error"]["message"]
+        # ...a name, at each attempt, by what it resolves to then.
+        job_id = submit(client, chat(model="sim:ttft=0,tps=0", webhook_url=url.replace("127.0.0.1", "localhost")))["id"]
+        record = wait_webhook(client, job_id, "failed")
+        assert len(record["deliveries"]) == 1  # refused for good, not retried
+        assert "TOKENRELAY_WEBHOOK_ALLOW_PRIVATE" in record["deliveries"][0]["error"]
         assert receiver.deliveries == []
+
+
+@pytest.mark.parametrize("hook", ["http://[::1", "http://[::1/hook", "https://[nothost]/x"])
+def test_an_unparseable_webhook_url_is_a_clear_error(client: httpx.Client, hook: str) -> None:
+    response = client.post("/api/jobs", json=chat(webhook_url=hook))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["type"] == "validation_error" and error["message"].startswith("webhook_url:")
 
 
 def test_several_serve_processes_need_redis_for_jobs(log_dir: Path) -> None:

@@ -60,7 +60,7 @@ def test_webhooks_listen_verifies_and_prints(relay: RelayServer, log_dir: Path) 
         record = httpx.get(f"{relay.url}/api/jobs/{job['id']}").json()
         webhook_id = record["webhook"]["id"]
         assert f"{webhook_id} job.succeeded {job['id']}: signature ok → 500" in log
-        assert f"{webhook_id} job.succeeded {job['id']}: signature ok, duplicate #2 → 204" in log
+        assert f"{webhook_id} job.succeeded {job['id']}: signature ok, retry #2 → 204" in log
         assert "msg_forged ? ?: SIGNATURE INVALID → 401" in log
         assert '"text":"to the listener"' in log
     finally:

@@ -33,12 +33,16 @@ DOCS = Path(__file__).parent.parent / "docs" / "jobs.md"
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
                                      "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fc00::1", "::ffff:127.0.0.1",
-                                     "224.0.0.1"])
+                                     "224.0.0.1",
+                                     # IPv4 inside IPv6: NAT64, IPv4-compatible, 6to4; and site-local
+                                     "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "::127.0.0.1", "::8.8.8.8",
+                                     "2002:7f00:1::", "2002:c0a8:101::1", "fec0::1"])
 def test_internal_addresses(address: str) -> None:
     assert is_internal(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "64:ff9b::808:808",
+                                     "2002:808:808::1"])
 def test_public_addresses(address: str) -> None:
     assert not is_internal(ipaddress.ip_address(address))
 

@@ -44,6 +44,11 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+def total(samples: Samples, name: str) -> float:
+    """The sum over every label set of ``name``."""
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
 @pytest.fixture(scope="module")
 def own_relay(start_relay: Callable[..., RelayServer]) -> RelayServer:
     """A relay on the in-process simulator whose counters no other test touches."""
@@ -58,7 +63,7 @@ def test_a_completed_stream_is_counted(own_relay: RelayServer) -> None:
     after = scrape(own_relay)
     assert delta(before, after, "tokenrelay_requests_total", route="/api/get-response", status="200") == 1
     assert delta(before, after, "tokenrelay_streams_total", mode="text", outcome="completed") == 1
-    assert delta(before, after, "tokenrelay_tokens_out_total") == 7
+    assert total(after, "tokenrelay_tokens_out_total") - total(before, "tokenrelay_tokens_out_total") == 7
     assert delta(before, after, "tokenrelay_bytes_out_total") == len(response.content)
     assert delta(before, after, "tokenrelay_time_to_first_token_seconds_count", mode="text") == 1
     # The simulator waits 50 ms before the first token; the event loop's timers keep whole
@@ -268,6 +273,84 @@ def test_metrics_add_up_every_worker(log_dir) -> None:
         for _ in range(6):
             samples = scrape(relay)
             assert value(samples, "tokenrelay_requests_total", route="/api/get-response", status="200") == 8
-            assert value(samples, "tokenrelay_tokens_out_total") == 24
+            assert total(samples, "tokenrelay_tokens_out_total") == 24
     finally:
         server.stop()
+
+
+def test_tokens_and_answers_by_model_and_key_name_with_jobs_and_bounded_models(
+        start_relay: Callable[..., RelayServer], tmp_path) -> None:
+    """Tokens and answers carry the model (a listed one, else ``other``) and the client key's
+    name (never the key); a job's tokens are counted when it ends."""
+    import secrets
+
+    key = secrets.token_urlsafe(24)
+    keys = tmp_path / "keys"
+    keys.write_text(f"{key} alice\n")
+    relay = start_relay(upstream=None, TOKENRELAY_API_KEYS_FILE=str(keys), TOKENRELAY_SIM_TTFT="0",
+                        TOKENRELAY_SIM_TPS="0", TOKENRELAY_SIM_TOKENS="5", TOKENRELAY_DATA_DIR=str(tmp_path / "data"))
+    auth = {"authorization": f"Bearer {key}"}
+    metrics = httpx.get(relay.url + "/metrics", headers=auth, timeout=5)
+    assert metrics.status_code == 200
+    with httpx.Client(base_url=relay.url, headers=auth, timeout=10) as client:
+        def scrape_keyed() -> Samples:
+            samples: Samples = {}
+            for family in text_string_to_metric_families(client.get("/metrics").text):
+                for sample in family.samples:
+                    samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+            return samples
+
+        before = scrape_keyed()
+        assert client.post("/api/get-response", json=chat(model="sim")).status_code == 200
+        # options make endless names: each is counted as ``other``
+        for n in (3, 4):
+            assert client.post("/api/get-response", json=chat(model=f"sim:tokens={n}")).status_code == 200
+        assert client.post("/api/get-response", json=chat(model="any-name-at-all")).status_code == 200
+        job = client.post("/api/jobs", json=chat(model="sim")).json()
+        wait_until(lambda: client.get(f"/api/jobs/{job['id']}").json()["status"] == "succeeded")
+        after = scrape_keyed()
+
+    stream = {"key": "alice", "source": "stream"}
+    assert delta(before, after, "tokenrelay_tokens_out_total", model="sim", **stream) == 5
+    assert delta(before, after, "tokenrelay_tokens_out_total", model="other", **stream) == 3 + 4 + 5
+    assert delta(before, after, "tokenrelay_answers_total", model="sim", outcome="completed", **stream) == 1
+    assert delta(before, after, "tokenrelay_answers_total", model="other", outcome="completed", **stream) == 3
+    assert delta(before, after, "tokenrelay_tokens_out_total", model="sim", key="-", source="job") == 5
+    assert delta(before, after, "tokenrelay_answers_total", model="sim", key="-", source="job",
+                 outcome="succeeded") == 1
+    models = {dict(labels).get("model") for (name, labels) in after if name == "tokenrelay_tokens_out_total"}
+    assert models <= {"sim", "sim:echo", "sim:tools", "other"}
+    assert key not in httpx.get(relay.url + "/metrics", headers=auth, timeout=5).text
+
+
+def test_the_grafana_dashboard_queries_only_what_metrics_serves(own_relay: RelayServer) -> None:
+    """deploy/grafana/tokenrelay.json: every metric it queries is at /metrics, and every label
+    it groups or filters by is one of that metric's labels."""
+    from pathlib import Path
+
+    from tokenrelay.metrics import Metrics
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tokenrelay.json"
+    dashboard = orjson.loads(path.read_bytes())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for shown in ("time to first token", "tokens/s", "in flight", "errors", "cancellations"):
+        assert shown in titles
+    httpx.post(own_relay.url + "/api/get-response", json=chat(model="sim:ttft=0,tps=0,tokens=2"), timeout=10)
+    served: dict[str, str] = {}  # every series name /metrics can serve → its family
+    response = httpx.get(own_relay.url + "/metrics", timeout=5)
+    for family in text_string_to_metric_families(response.text):
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
+                    "gauge": ("",)}[family.type]
+        served.update({family.name + suffix: family.name for suffix in suffixes})
+    labels = {collector._name: set(collector._labelnames)  # type: ignore[attr-defined]
+              for collector in Metrics().registry._collector_to_names}  # type: ignore[attr-defined]
+    for expr in exprs:
+        names = re.findall(r"\btokenrelay_[a-z_]+", expr)
+        assert names, expr
+        for name in names:
+            assert name in served, f"{name} (in {expr}) is not at /metrics"
+            family = served[name]
+            used = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for label in group.split(",")}
+            used |= set(re.findall(r"[{,]\s*([a-z_]+)\s*(?:=~|!~|!=|=)", expr))
+            assert used - {"le", ""} <= labels[family], f"{expr}: {used - labels[family]} not labels of {family}"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from proxies import Proxy, start_caddy, start_haproxy, start_nginx
+from proxies import COMPRESSIBLE_MARK, STREAM_MARK, Proxy, start_caddy, start_haproxy, start_nginx
 from servers import RelayServer, SimServer
 from streams import Arrivals, chat, event_data, read_stream
 
@@ -89,6 +89,87 @@ def test_shipped_config_serves_the_page_and_health(kind: str, relay_server: Rela
         assert response.status_code == 200, proxy.log()
         page = httpx.get(proxy.url + "/", headers=BROWSER, timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+# --- every streaming route is covered by every shipped config -----------------------------
+
+# Each streamed route, and the one being added (``GET /api/streams/{id}``, resuming a stream).
+STREAMED = ["/api/get-response", "/api/probe", "/v1/chat/completions", "/api/jobs/job_x/stream",
+            "/api/streams/st_x"]
+ORDINARY = ["/", "/api/info", "/api/jobs", "/api/jobs/job_x", "/healthz", "/metrics", "/static/favicon.svg"]
+
+
+def test_nginx_stream_location_covers_every_streaming_route(relay_server: RelayServer) -> None:
+    with start_nginx(relay_server.url, variant="marked") as proxy:
+        for path in STREAMED + ORDINARY:
+            response = httpx.get(proxy.url + path, timeout=10)
+            assert (STREAM_MARK.lower() in response.headers) == (path in STREAMED), (path, response.headers)
+
+
+def test_caddy_never_compresses_a_streaming_route(relay_server: RelayServer) -> None:
+    with start_caddy(relay_server.url, marked=True) as proxy:
+        for path in STREAMED + ORDINARY:
+            response = httpx.get(proxy.url + path, headers=BROWSER, timeout=10)
+            assert (COMPRESSIBLE_MARK.lower() in response.headers) == (path in ORDINARY), (path, response.headers)
+
+
+def test_doctor_names_the_routes_the_shipped_configs_cover() -> None:
+    from proxies import CADDYFILE, NGINX_CONF
+
+    from tokenrelay.doctor import CADDY_STREAM_PATHS, NGINX_STREAM_LOCATION
+
+    assert f"location ~ {NGINX_STREAM_LOCATION} {{" in NGINX_CONF.read_text()
+    assert f"@compressible not path {CADDY_STREAM_PATHS}\n" in CADDYFILE.read_text()
+
+
+def test_one_read_timeout_everywhere() -> None:
+    """The shipped configs, doctor's advice and docs/deploy.md give the same read timeout,
+    and none of them says to raise the send timeout for a slow model."""
+    from proxies import CADDYFILE, DEPLOY, HAPROXY_CFG, NGINX_CONF
+
+    from tokenrelay.doctor import FIXES, READ_TIMEOUT_ADVICE
+
+    seconds = READ_TIMEOUT_ADVICE.removesuffix("s")
+    assert f"proxy_read_timeout {READ_TIMEOUT_ADVICE};" in NGINX_CONF.read_text()
+    caddy = CADDYFILE.read_text()
+    assert f"response_header_timeout {READ_TIMEOUT_ADVICE}" in caddy and f"read_timeout {READ_TIMEOUT_ADVICE}" in caddy
+    assert f"timeout server {READ_TIMEOUT_ADVICE}" in HAPROXY_CFG.read_text()
+    advice = " ".join(line for proxy in FIXES.values() for lines in proxy.values() for line in lines)
+    assert "3600" not in advice and "1h" not in advice
+    assert "proxy_send_timeout` likewise" not in advice
+    for proxy in ("nginx", "ingress-nginx", "caddy", "haproxy"):
+        assert seconds in " ".join(FIXES[proxy]["idle"] + FIXES[proxy].get("ingress-nginx", [])), proxy
+    deploy_doc = (DEPLOY.parent / "docs" / "deploy.md").read_text()
+    assert f"proxy-read-timeout: \"{seconds}\"" in deploy_doc and f"{seconds} s" in deploy_doc
+    assert "3600" not in deploy_doc
+
+
+def follow_job(base: str, model: str = PACED) -> Arrivals:
+    """Submit a job and follow its text live at ``/api/jobs/{id}/stream``, noting when each
+    raw piece arrives."""
+    with httpx.Client(timeout=30, headers=BROWSER) as client:
+        job = client.post(base + "/api/jobs", json=chat(model=model))
+        assert job.status_code == 202, job.text
+        started = time.perf_counter()
+        with client.stream("GET", f"{base}/api/jobs/{job.json()['id']}/stream") as response:
+            result = Arrivals(status=response.status_code, headers=response.headers, started=started)
+            for chunk in response.iter_raw():
+                result.chunks.append(chunk)
+                result.times.append(time.perf_counter())
+    return result
+
+
+@pytest.mark.parametrize("kind", ["nginx", "caddy", "haproxy"])
+def test_shipped_config_streams_a_job_live(kind: str, relay_server: RelayServer) -> None:
+    direct = follow_job(relay_server.url)
+    assert len(direct.chunks) >= 15 and direct.spread > 0.6, (len(direct.chunks), direct.spread)
+    with START[kind](relay_server.url) as proxy:
+        result = follow_job(proxy.url)
+        assert result.status == 200, proxy.log()
+        assert "content-encoding" not in result.headers
+        assert len(result.chunks) >= len(direct.chunks) // 2, f"{len(result.chunks)} pieces"
+        assert result.spread > 0.6 * direct.spread, f"spread {result.spread:.2f} s vs {direct.spread:.2f} s direct"
+        assert result.events()[-1].event == "done"
 
 
 # --- nginx: X-Accel-Buffering lets a buffering, compressing config stream -----------------

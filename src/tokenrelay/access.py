@@ -67,7 +67,7 @@ class AccessMiddleware:
         else:
             client = scope.get("client")
             who, subject = "addr:" + (client[0] if client else "unknown"), "this client address"
-        if self.limiter is None:
+        if self.limiter is None or _route_is_unlimited(scope):
             await self.app(scope, receive, send)
             return
         try:
@@ -91,6 +91,12 @@ class AccessMiddleware:
         body = openai_body(exc) if scope["path"].startswith("/v1") else exc.body()
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _route_is_unlimited(scope: Scope) -> bool:
+    """Resuming or stopping an answer (``/api/streams/…``) takes no slot of its own: the
+    answer already holds one until it ends, and a stop must never wait for a free slot."""
+    return route_path(scope).startswith("/api/streams/")
 
 
 def route_path(scope: Scope) -> str:

@@ -31,6 +31,8 @@ from .routes.jobs import create_job, delete_job, get_job, stream_job
 from .routes.openai import chat_completions, list_models
 from .routes.probe import probe
 from .routes.stream import get_response
+from .routes.streams import delete_stream, get_stream
+from .resume.registry import Streams
 from .routing import ModelRouter, Router
 from .state import AppState
 from .upstreams import upstream_views
@@ -57,7 +59,11 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.router = Router(settings)
+        state.streams = Streams(grace=settings.resume_grace, ttl=settings.stream_ttl,
+                                max_bytes=settings.stream_max_bytes, memory_bytes=settings.stream_memory,
+                                other_processes=int(os.environ.get(SERVE_PROCESSES_ENV) or 1) > 1)
         state.provider = ModelRouter(state.router)
+        state.metrics.watch(state.provider)
         if settings.routes:
             for view in upstream_views(settings):
                 log.info("route %s", view.route_line())
@@ -84,6 +90,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
+            await state.streams.aclose()
             await limiter.aclose()
             if state.jobs is not None:
                 await state.jobs.aclose()
@@ -98,6 +105,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/jobs/{job_id}", delete_job, methods=["DELETE"]),
         Route("/api/jobs/{job_id}/stream", stream_job, methods=["GET"]),
         Route("/api/probe", probe, methods=["GET"]),
+        Route("/api/streams/{stream_id}", get_stream, methods=["GET"]),
+        Route("/api/streams/{stream_id}", delete_stream, methods=["DELETE"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

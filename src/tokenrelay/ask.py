@@ -17,12 +17,24 @@ from .providers.sse_decoder import SSEDecoder
 from .upstreams import UpstreamView
 
 ANSWER_PATH = "/api/get-response"
+KEY_ENV = "TOKENRELAY_API_KEY"
 LOOKUP_TIMEOUT = 10.0
 SHOWN_MODELS = 12
 
 
 class AskFailed(Exception):
     """The service refused the question, or the stream broke before the answer ended."""
+
+
+def check_url(url: str) -> str | None:
+    """Why ``url`` cannot be a tokenrelay service's address, or None when it can."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"{url!r} is not a URL: {exc}"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"{url!r} is not an http:// or https:// URL (like http://127.0.0.1:8000)"
+    return None
 
 
 @dataclass
@@ -55,12 +67,14 @@ def _say(line: str) -> None:
 
 def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[[str], Any],
                   flush: Callable[[], Any], timeout: float = 600.0, key: str | None = None,
-                  announce: Callable[[str], Any] = _say) -> AskStats:
+                  announce: Callable[[str], Any] = _say,
+                  on_stream: Callable[[str], Any] | None = None) -> AskStats:
     """POST ``body`` to ``url`` (``…/api/get-response``), writing the answer as it arrives.
 
     A body without a model gets the service's default, or — when the service has none, as
     with routes and no ``TOKENRELAY_MODEL`` — the first model it lists; ``announce`` is told
-    which, and which upstream answers it."""
+    which, and which upstream answers it. ``on_stream`` is told the answer's stream id (what
+    ``DELETE /api/streams/{id}`` stops) as soon as it starts."""
     base = url.removesuffix(ANSWER_PATH)
     if "model" not in body:
         choice = choose_model(base, key=key)
@@ -80,6 +94,8 @@ def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[
                     if "model_not_found" in refusal:
                         refusal += _listed_hint(base, key)
                     raise AskFailed(refusal)
+                if on_stream is not None and "x-stream-id" in response.headers:
+                    on_stream(response.headers["x-stream-id"])
                 if sse:
                     _read_sse(response, stats, write, flush)
                 else:
@@ -89,7 +105,14 @@ def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[
     except httpx.TimeoutException:
         raise AskFailed(f"no answer from {url} within {timeout:.0f} s") from None
     except httpx.HTTPError as exc:
-        raise AskFailed(f"the stream failed midway: {exc}") from None
+        if stats.first_token is None:
+            raise AskFailed(f"{url} closed the connection before answering: {exc}") from None
+        if sse:  # an SSE answer that breaks off without its error event: the connection itself broke
+            raise AskFailed(f"the answer broke off midway and is incomplete: {exc}") from None
+        # A plain-text body has no room for the reason: the service ends the response
+        # abruptly, which is all the client sees.
+        raise AskFailed("the answer broke off midway and is incomplete; ask again with --sse "
+                        "to see the reason") from None
     stats.ended = time.perf_counter()
     return stats
 
@@ -190,11 +213,12 @@ def _listed_hint(base: str, key: str | None) -> str:
 
 def _refusal(response: httpx.Response) -> str:
     response.read()
+    hint = f"; pass the client key with --key (or set {KEY_ENV})" if response.status_code == 401 else ""
     try:
         error = orjson.loads(response.content)["error"]
-        return f"{response.status_code} {error['type']}: {error['message']}"
+        return f"{response.status_code} {error['type']}: {error['message']}{hint}"
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        return f"{response.status_code} {response.reason_phrase}"
+        return f"{response.status_code} {response.reason_phrase}{hint}"
 
 
 def _read_text(response: httpx.Response, stats: AskStats, write: Callable[[str], Any],

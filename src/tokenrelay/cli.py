@@ -117,6 +117,7 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
     from .upstreams import upstream_summary
 
     answers = f"{'routes' if settings.routes else 'upstream'}: {upstream_summary(settings)}"
+    _check_port(settings.host, settings.port)
     click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/{label}  ({answers})", err=True)
     limited = settings.max_concurrent_streams_per_key or settings.requests_per_minute_per_key
     if workers > 1 and limited and not settings.redis_url:
@@ -162,6 +163,33 @@ def _shared_metrics() -> Iterator[None]:
             del os.environ[MULTIPROC_ENV]
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with one clear line when the server could not listen on ``host:port``, before
+    the banner says it does. Bound as uvicorn binds (SO_REUSEADDR, so a port left in
+    TIME_WAIT by the last run is free) and released at once for uvicorn to take."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise click.ClickException(f"cannot listen on {address}: unknown host ({exc.strerror})") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                reason = "the port is in use (another program listens there)"
+            elif exc.errno == errno.EACCES:
+                reason = "permission denied (ports below 1024 need privileges)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                reason = "no network interface of this machine has that address"
+            else:
+                reason = exc.strerror or str(exc)
+            raise click.ClickException(f"cannot listen on {address}: {reason}") from None
+
+
 def fast_server() -> dict[str, Any]:
     """uvloop and httptools when installed (they come with uvicorn[standard]); the pure
     Python event loop and parser otherwise. Named explicitly so a missing one is visible."""
@@ -185,7 +213,8 @@ def fast_server() -> dict[str, Any]:
 def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, fault: str | None,
         log_level: str) -> None:
     """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions), and as
-    Anthropic's Messages API (POST /v1/messages).
+    Anthropic's Messages API (POST /v1/messages, which like Anthropic's needs the headers
+    x-api-key, any value, and anthropic-version: 2023-06-01).
 
     \b
     Any OpenAI client, or tokenrelay itself, can point at it:
@@ -216,6 +245,7 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
         except ValidationFailed as exc:
             raise click.BadParameter(exc.message, param_hint="--fault") from None
     setup_logging(log_level)
+    _check_port(host, port)
     click.echo(f"simulator on http://{host}:{port}/v1", err=True)
     uvicorn.Server(uvicorn.Config(create_sim_app(defaults), host=host, port=port, log_config=None,
                                   **fast_server())).run()
@@ -224,7 +254,7 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
 @cli.command()
 @click.argument("question", required=False)
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="TOKENRELAY_URL",
-              help="The tokenrelay service.")
+              help="The tokenrelay service (env TOKENRELAY_URL).")
 @click.option("--sse", is_flag=True, help="Use Server-Sent Events instead of plain text.")
 @click.option("--model", default=None, help="Model to ask (default: the service's).")
 @click.option("--system", default=None, help="A system message to send first.")
@@ -244,8 +274,11 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     With --job the question becomes a job: the answer is printed when it is complete, and
     the job's id goes to stderr; Ctrl-C stops waiting but not the job.
     """
-    from .ask import AskFailed, stream_answer
+    from .ask import AskFailed, check_url, stream_answer
 
+    problem = check_url(url)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--url")
     if question is None:
         if sys.stdin.isatty():
             raise click.UsageError("give a question, or pipe one on stdin")
@@ -262,13 +295,14 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
         return
     if webhook_url:
         raise click.UsageError("--webhook-url needs --job")
-    out = sys.stdout
-    previous = signal.signal(signal.SIGINT, _leave_on_ctrl_c)
+    out = _AnswerOut(sys.stdout)
+    answer = _Answer(url.rstrip("/"), key, out)
+    previous = signal.signal(signal.SIGINT, answer.stop_and_leave)
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
-                              flush=out.flush, key=key)
+                              flush=out.flush, key=key, on_stream=answer.started)
     except AskFailed as exc:
-        out.write("\n")
+        out.end_line()  # a partial answer's last line ends before the error on stderr
         raise click.ClickException(str(exc)) from None
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -326,15 +360,54 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     sys.exit(report.exit_code)
 
 
-def _leave_on_ctrl_c(signum: int, frame: Any) -> None:
-    """Ctrl-C while an answer streams: leave at once. Unwinding a KeyboardInterrupt through
-    the HTTP client from wherever the signal landed could block in its connection pool;
-    the process ending closes the connection, which is what stops the model."""
-    with contextlib.suppress(Exception):
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    os.write(2, b"cancelled\n")
-    os._exit(130)
+class _AnswerOut:
+    """stdout for an answer, noting whether any of it was written: a failure before the
+    first token leaves stdout empty, so a script sees no answer rather than a blank line."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.started = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.started = True
+            self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def end_line(self) -> None:
+        if self.started:
+            self.out.write("\n")
+            self.out.flush()
+
+
+class _Answer:
+    """The answer ``ask`` is streaming, so that Ctrl-C can stop it."""
+
+    def __init__(self, base: str, key: str | None, out: _AnswerOut) -> None:
+        self.base, self.key, self.out = base, key, out
+        self.stream_id: str | None = None
+
+    def started(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+
+    def stop_and_leave(self, signum: int, frame: Any) -> None:
+        """Ctrl-C while an answer streams: stop the model, then leave at once. Leaving alone
+        would not stop it: a stream outlives its connection for a while, so that a dropped
+        connection can resume (docs/resume.md). Unwinding a KeyboardInterrupt through the HTTP
+        client from wherever the signal landed could block in its connection pool, hence
+        ``os._exit``."""
+        with contextlib.suppress(Exception):
+            self.out.end_line()
+        if self.stream_id is not None:
+            import httpx
+
+            headers = {"authorization": f"Bearer {self.key}"} if self.key else {}
+            with contextlib.suppress(Exception):
+                httpx.delete(f"{self.base}/api/streams/{self.stream_id}", headers=headers, timeout=3)
+        os.write(2, b"cancelled\n")
+        os._exit(130)
 
 
 def _ask_job(url: str, body: dict[str, Any], *, webhook_url: str | None, verbose: bool,
@@ -433,7 +506,8 @@ def listen(host: str, port: int, secret: str | None, fail_first: int) -> None:
     """Receive webhooks locally: verify each signature, print each delivery.
 
     \b
-    One line per delivery on stderr (webhook id, event, job, signature check, duplicates),
+    One line per delivery on stderr (webhook id, event, job, signature check, retries and
+    duplicates),
     the payload as JSON on stdout. Point a job at it:
       tokenrelay webhooks listen --port 9100 &
       curl localhost:8000/api/jobs -H 'content-type: application/json' \\
@@ -450,7 +524,8 @@ def listen(host: str, port: int, secret: str | None, fail_first: int) -> None:
         payload = delivery.payload if isinstance(delivery.payload, dict) else {}
         data = payload.get("data") or {}
         check = "signature ok" if delivery.verified else ("SIGNATURE INVALID" if secret else "not verified")
-        again = f", duplicate #{delivery.attempt}" if delivery.duplicate else ""
+        again = (f", retry #{delivery.attempt}" if delivery.retry
+                 else f", duplicate #{delivery.attempt}" if delivery.duplicate else "")
         click.echo(f"{delivery.webhook_id} {payload.get('type', '?')} {data.get('id', '?')}: {check}{again}"
                    f" → {delivery.status}", err=True)
         click.echo(orjson.dumps(delivery.payload).decode())
@@ -461,6 +536,7 @@ def listen(host: str, port: int, secret: str | None, fail_first: int) -> None:
         raise click.BadParameter("not a Standard Webhooks secret (whsec_ and base64)", param_hint="--secret") from None
     if not secret:
         click.echo("no --secret: signatures are not checked", err=True)
+    _check_port(host, port)
     click.echo(f"listening for webhooks on http://{host}:{port}/", err=True)
     uvicorn.Server(uvicorn.Config(create_listen_app(receiver), host=host, port=port, log_config=None,
                                   log_level="warning")).run()

@@ -117,6 +117,7 @@ SECTIONS: dict[str, str] = {
     "routes": "Model routing and retries (docs/openai-relay.md)",
     "connect_timeout": "The upstream connections",
     "sim_ttft": "The built-in simulator",
+    "resume_grace": "Resumable streams (docs/resume.md)",
     "data_dir": "Jobs and webhooks (docs/jobs.md)",
     "api_keys": "Client keys, limits, CORS (docs/auth-and-limits.md)",
     "log_level": "Logs",
@@ -210,6 +211,24 @@ class Settings(BaseSettings):
     sim_seed: int = Field(default=0, description="Seed; the same seed gives the same answer.")
 
     # --- jobs and webhooks ---
+    # --- resumable streams ---
+    resume_grace: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="Seconds an /api/get-response answer goes on after its client left, so a reload can "
+                    "resume it (GET /api/streams/{id}); then its upstream request is closed (0: at once).",
+    )
+    stream_ttl: float = Field(
+        default=900.0, gt=0, description="Seconds a finished answer stays readable at GET /api/streams/{id}.",
+    )
+    stream_max_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0,
+        description="Most bytes of text one streamed answer keeps; past it the answer ends with an error.",
+    )
+    stream_memory: int = Field(
+        default=64 * 1024 * 1024, gt=0,
+        description="Most bytes of text all finished answers together keep for resuming; the oldest go first.",
+    )
+
     data_dir: Path = Field(
         default_factory=lambda: default_data_dir(),
         description="Where jobs and pending webhooks are kept (SQLite): tokenrelay under $XDG_DATA_HOME "
@@ -220,7 +239,15 @@ class Settings(BaseSettings):
         description="Redis shared by several tokenrelay processes (redis://host:6379/0): the jobs' task "
                     "queue (run by 'tokenrelay worker') and the per-key limits.",
     )
+    redis_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds one call to Redis may take before it counts as failed (the jobs' "
+        "API then answers 503 with Retry-After; a worker waits for Redis with a backoff).",
+    )
     job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
+    job_retention: int = Field(
+        default=7 * 24 * 3600, ge=0, description="Seconds a job is kept after it was created (ended jobs in "
+        "SQLite; the records' TTL in Redis); 0: kept forever.",
+    )
     jobs_in_serve: bool = Field(
         default=True, description="With redis_url: 'tokenrelay serve' runs jobs from the queue too; false leaves "
         "them to 'tokenrelay worker' processes.",

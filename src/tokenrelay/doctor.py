@@ -29,6 +29,19 @@ from .providers.sse_decoder import SSEDecoder
 
 Mode = Literal["text", "sse"]
 
+STREAM_ROUTES = ("/api/get-response", "/api/probe", "/v1/", "/api/jobs/{id}/stream", "/api/streams/")
+"""Every streamed route (and doctor's probe, which stands in for them), as the advice names
+them; the shipped proxy configs cover exactly these (tests/test_proxies.py)."""
+NGINX_STREAM_LOCATION = "^/(api/get-response|api/probe|v1/|api/jobs/[^/]+/stream$|api/streams/)"
+"""The regex of the nginx ``location`` for the streamed routes, as deploy/nginx ships it."""
+CADDY_STREAM_PATHS = "/api/get-response /api/probe /v1/* /api/jobs/*/stream /api/streams/*"
+"""Caddy path matchers for the streamed routes, as deploy/caddy ships them."""
+READ_TIMEOUT_ADVICE = "180s"
+"""The shipped proxies' read timeout: above the model's slowest time to first token and the
+app's own upstream read timeout (TOKENRELAY_READ_TIMEOUT, 120 s), so that a stuck model gets
+tokenrelay's JSON error rather than the proxy's 504 page. docs/deploy.md says why."""
+_ROUTES = ", ".join(STREAM_ROUTES)
+
 BROWSER_HEADERS = {
     "user-agent": (
         "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -398,7 +411,8 @@ FIXES: dict[str, dict[str, list[str]]] = {
         "buffered": [
             (
                 "In the location that proxies tokenrelay: `proxy_buffering off;` and `proxy_cache off;` "
-                "(deploy/nginx/tokenrelay.conf does this)."
+                f"(deploy/nginx/tokenrelay.conf does this in `location ~ {NGINX_STREAM_LOCATION}`, "
+                "every streaming route)."
             ),
             (
                 "Do not list X-Accel-Buffering in `proxy_ignore_headers`: tokenrelay sends "
@@ -417,16 +431,19 @@ FIXES: dict[str, dict[str, list[str]]] = {
         ],
         "idle": [
             (
-                "Raise `proxy_read_timeout` (default 60s) in that location, e.g. `proxy_read_timeout 3600s;`, "
-                "and `proxy_send_timeout` likewise."
+                "Raise `proxy_read_timeout` (default 60s) in that location above the model's slowest time "
+                f"to first token and tokenrelay's TOKENRELAY_READ_TIMEOUT (120 s): `proxy_read_timeout "
+                f"{READ_TIMEOUT_ADVICE};`, as deploy/nginx/tokenrelay.conf ships. `proxy_send_timeout` and "
+                "`send_timeout` are about a slow reader, not a slow model: leave them. SSE's `: ping` "
+                "resets the read timeout."
             ),
         ],
         "ingress-nginx": [
             (
                 "On Kubernetes ingress-nginx the same settings are annotations: "
                 "`nginx.ingress.kubernetes.io/proxy-buffering: \"off\"`, "
-                "`nginx.ingress.kubernetes.io/proxy-read-timeout: \"3600\"`, and `use-gzip: \"false\"` "
-                "in the controller's ConfigMap."
+                f"`nginx.ingress.kubernetes.io/proxy-read-timeout: \"{READ_TIMEOUT_ADVICE[:-1]}\"`, and "
+                "`use-gzip: \"false\"` in the controller's ConfigMap."
             ),
         ],
     },
@@ -445,8 +462,9 @@ FIXES: dict[str, dict[str, list[str]]] = {
         ],
         "idle": [
             (
-                "Annotate the Ingress: `nginx.ingress.kubernetes.io/proxy-read-timeout: \"3600\"` and "
-                "`nginx.ingress.kubernetes.io/proxy-send-timeout: \"3600\"` (default 60 s)."
+                f"Annotate the Ingress: `nginx.ingress.kubernetes.io/proxy-read-timeout: \"{READ_TIMEOUT_ADVICE[:-1]}\"` "
+                "(default 60 s; above the model's slowest time to first token and TOKENRELAY_READ_TIMEOUT, "
+                "120 s). The send timeout is about a slow reader, not a slow model: leave it."
             ),
         ],
     },
@@ -457,14 +475,15 @@ FIXES: dict[str, dict[str, list[str]]] = {
         "compressed": [
             (
                 "Caddy's `encode` compresses this stream: keep it off the stream routes, e.g. "
-                "`@stream path /api/get-response /api/probe` and `encode @notstream …`, or use "
-                "`flush_interval -1` so each piece is flushed."
+                f"`@compressible not path {CADDY_STREAM_PATHS}` and `encode @compressible gzip` "
+                "(as deploy/caddy/Caddyfile does), or use `flush_interval -1` so each piece is flushed."
             ),
         ],
         "idle": [
             (
                 "Caddy has no read timeout unless one is set: look for `read_timeout`/`response_header_timeout` "
-                "in `transport http`, or for a hop in front of Caddy that cuts idle connections."
+                f"in `transport http` (deploy/caddy/Caddyfile sets both to {READ_TIMEOUT_ADVICE}), or for a hop "
+                "in front of Caddy that cuts idle connections."
             ),
         ],
     },
@@ -482,7 +501,9 @@ FIXES: dict[str, dict[str, list[str]]] = {
         "idle": [
             (
                 "Raise `timeout server` (the longest silence from the app) and `timeout client` "
-                "in the backend/defaults, e.g. `timeout server 1h`."
+                f"in the backend/defaults above the model's slowest time to first token and "
+                f"TOKENRELAY_READ_TIMEOUT (120 s): `timeout server {READ_TIMEOUT_ADVICE}`, as "
+                "deploy/haproxy/haproxy.cfg ships."
             ),
         ],
     },
@@ -532,7 +553,7 @@ FIXES: dict[str, dict[str, list[str]]] = {
         "buffered": [
             (
                 "Something between doctor and tokenrelay holds the response back until it is complete: turn "
-                "response buffering off for /api/get-response and /api/probe, or make that proxy honour "
+                f"response buffering off for the streaming routes ({_ROUTES}), or make that proxy honour "
                 "`X-Accel-Buffering: no`, which tokenrelay sends."
             ),
             (
@@ -543,7 +564,7 @@ FIXES: dict[str, dict[str, list[str]]] = {
         "compressed": [
             (
                 "A hop compresses this stream; compression is the commonest cause of buffering. Leave "
-                "text/plain and text/event-stream uncompressed on the stream routes."
+                f"text/plain and text/event-stream uncompressed on the stream routes ({_ROUTES})."
             ),
         ],
         "idle": [
@@ -766,7 +787,7 @@ def _compare(proxied: list[Probe], direct: list[Probe], direct_url: str) -> list
 # --------------------------------------------------------------------------- plain words
 
 def render(report: Report) -> str:
-    lines = [f"tokenrelay doctor  {report.url}", ""]
+    lines = [f"tokenrelay doctor {report.url}", ""]
     if not report.reachable:
         lines += [f"  UNREACHABLE  {report.unreachable_reason}", "",
                   "Result: unreachable (exit 2). Check the URL, DNS, and that the server is up."]

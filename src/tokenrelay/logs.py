@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -40,7 +41,8 @@ class _AbortFilter(logging.Filter):
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": self.formatTime(record),
+            # ISO 8601 in UTC with its offset: log stores parse it as is, from any machine.
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),

@@ -33,7 +33,7 @@ class RequestIdMiddleware:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] == "http":
             given = header(scope, b"x-request-id")
-            # Not a secret, so no system call for it (see streaming.record.new_stream_id).
+            # Not a secret (unlike a stream id), so no system call for it.
             request_id.set(given.decode("latin-1") if given and len(given) <= 128
                            else f"req_{random.getrandbits(64):016x}")
         return self.app(scope, receive, send)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .jobs.backend import JobBackend
     from .metrics import Metrics
+    from .resume.registry import Streams
     from .routes.health import Readiness
     from .routing import ModelRouter, Router
 
@@ -31,6 +32,8 @@ class AppState(State):
     """The routes from model names to upstreams (built in the lifespan)."""
     provider: ModelRouter
     """Every answer's provider: routes each request by its model, retried where safe."""
+    streams: Streams
+    """This instance's streamed answers, for resuming and stopping them."""
     jobs: JobBackend | None
     """The jobs backend, or None when jobs are unavailable (``jobs_unavailable`` says why)."""
     jobs_unavailable: str | None

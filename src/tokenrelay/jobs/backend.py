@@ -15,6 +15,7 @@ differ only in where records live and who schedules the next step:
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -29,6 +30,11 @@ log = logging.getLogger("tokenrelay.jobs")
 class JobBackend(Protocol):
     label: str
     """Where the jobs are, for messages: the SQLite file, or the Redis URL without password."""
+
+    @property
+    def trouble(self) -> str | None:
+        """Why the store failed last, while it does (``/readyz`` shows it); None when it works."""
+        ...
 
     async def start(self) -> None:
         """Take up the work left unfinished and begin running jobs."""
@@ -83,4 +89,11 @@ async def open_backend(settings: Settings, provider: Provider, *, processes: int
         await jobs.start()
     except StoreBusy as exc:
         raise JobsUnavailable(f"jobs are not available: {exc}") from None
+    except (OSError, sqlite3.Error) as exc:
+        # A read-only or unusable data directory: streaming needs no disk, so the service
+        # still starts, and /api/jobs and /readyz say why jobs are away.
+        raise JobsUnavailable(
+            f"jobs are not available: the data directory {settings.data_dir} cannot be used "
+            f"({type(exc).__name__}: {exc}); set TOKENRELAY_DATA_DIR to a writable directory"
+        ) from None
     return jobs

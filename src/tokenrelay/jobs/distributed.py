@@ -18,12 +18,15 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from saq import Job as SaqJob
 from saq import Worker
-from saq.queue.redis import RedisQueue
+from saq.queue.redis import ID_PREFIX, PubSubMultiplexer, RedisQueue
 from saq.types import PartialTimersDict
 
 from ..config import Settings
@@ -31,7 +34,7 @@ from ..providers.base import Provider
 from ..routing import ModelRouter, Router
 from . import runner
 from .model import Job, JobStatus
-from .redis_store import RedisJobStore
+from .redis_store import RedisJobStore, connect
 from .runner import JobContext
 from .store import FollowEvent
 from .webhooks import Deliverer
@@ -56,23 +59,98 @@ def redis_label(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+REDIS_ERRORS = (RedisError, OSError)
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 5.0
+"""Seconds between pings while Redis is away: doubling from the first to the most."""
+
+
+class RedisHealth:
+    """Whether a worker's Redis answers, said once per change: "lost Redis …" when a call
+    fails, "Redis … is back" when a ping answers again. While it is away, callers wait in
+    ``until_up`` (one of them pings, with a backoff) instead of each failing in a loop."""
+
+    def __init__(self, redis: Redis, label: str, *, says: bool = True) -> None:
+        self.redis = redis
+        self.label = label
+        self.says = says
+        """Whether it logs the changes: the API's side only keeps track, for /readyz, since
+        each of its requests answers a 503 that says so anyway."""
+        self.down_since: float | None = None
+        self._lock = asyncio.Lock()
+
+    def lost(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            if self.says:
+                log.warning("jobs: lost Redis at %s (%s); trying again with a backoff", self.label, _said(exc))
+
+    def answered(self) -> None:
+        if self.down_since is not None:
+            if self.says:
+                log.info("jobs: Redis at %s is back after %.1f s", self.label, time.monotonic() - self.down_since)
+            self.down_since = None
+
+    async def until_up(self) -> None:
+        if self.down_since is None:
+            return
+        async with self._lock:
+            delay = BACKOFF_FIRST
+            while self.down_since is not None:
+                try:
+                    await self.redis.ping()  # type: ignore[misc]
+                except REDIS_ERRORS:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+                    continue
+                self.answered()
+
+
+def _said(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 class JobQueue(RedisQueue):
-    """saq's Redis queue, with a shorter wait in the sweep.
+    """saq's Redis queue, with every call bounded in time, a shorter wait in the sweep, and
+    a dequeue that waits out a Redis that is away.
 
     The sweep asks a stuck job's worker to abort it and waits for an answer (5 s per job,
     one job after the other) before queueing it again. A job is stuck here only when its
     heartbeat stopped, that is when its worker is dead or frozen and will not answer; 1 s
-    is ample, and a dead worker's jobs then start again within seconds, not 5 s × jobs."""
+    is ample, and a dead worker's jobs then start again within seconds, not 5 s × jobs.
+
+    saq's worker takes a failed dequeue as "no job" and asks again at once: with Redis away
+    that was a busy loop. Here a failed dequeue marks Redis lost, and the next one waits
+    until a ping answers."""
+
+    def __init__(self, url: str, *, timeout: float, name: str, says: bool = True) -> None:
+        super().__init__(connect(url, timeout=timeout), name=name)
+        self.health = RedisHealth(self.redis, redis_label(url), says=says)
+        # saq listens for job changes on one long-lived subscription, idle for minutes at a
+        # time; a read timeout would break it, so it has a client without one (every wait
+        # on it is bounded by saq itself).
+        self._listener: Redis = Redis.from_url(url, socket_connect_timeout=timeout)
+        self._pubsub = PubSubMultiplexer(self._listener.pubsub(), prefix=f"{ID_PREFIX}{self.name}")
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
         return await super().sweep(lock, abort=min(abort, 1.0))
 
+    async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> SaqJob | None:
+        await self.health.until_up()
+        try:
+            return await super().dequeue(timeout, poll_interval)
+        except REDIS_ERRORS as exc:
+            self.health.lost(exc)
+            return None
 
-def make_queue(settings: Settings) -> JobQueue:
+    async def disconnect(self) -> None:
+        await super().disconnect()
+        await self._listener.aclose()
+
+
+def make_queue(settings: Settings, *, says: bool = True) -> JobQueue:
     assert settings.redis_url is not None
-    queue = JobQueue.from_url(settings.redis_url, name=QUEUE_NAME)
-    assert isinstance(queue, JobQueue)
-    return queue
+    return JobQueue(settings.redis_url, timeout=settings.redis_timeout, name=QUEUE_NAME, says=says)
 
 
 class RemoteJobs:
@@ -85,10 +163,28 @@ class RemoteJobs:
         assert settings.redis_url is not None
         self.settings = settings
         self.label = redis_label(settings.redis_url)
-        self.store = RedisJobStore(settings.redis_url)
-        self.queue = make_queue(settings)
+        self.store = RedisJobStore(settings.redis_url, timeout=settings.redis_timeout,
+                                   record_ttl=settings.job_retention)
+        self.queue = make_queue(settings, says=False)
         self.worker = make_worker(settings, provider=provider) if settings.jobs_in_serve else None
         self._worker_task: asyncio.Task[None] | None = None
+
+    @property
+    def trouble(self) -> str | None:
+        healths = [self.queue.health, *([self.worker.queue.health] if isinstance(self.worker, JobWorker) else [])]
+        if all(health.down_since is None for health in healths):
+            return None
+        return f"Redis at {self.label} does not answer"
+
+    @contextlib.asynccontextmanager
+    async def _calling(self) -> AsyncIterator[None]:
+        """Keeps track of whether Redis answers this process's API calls, for /readyz."""
+        try:
+            yield
+        except REDIS_ERRORS as exc:
+            self.queue.health.lost(exc)
+            raise
+        self.queue.health.answered()
 
     async def start(self) -> None:
         await self.queue.connect()
@@ -115,25 +211,28 @@ class RemoteJobs:
         await worker.start()
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
-        job, created = await self.store.create(job)
-        # A job seen again (same Idempotency-Key) and still queued is queued again: saq keeps
-        # one job per key, and this heals a job whose first enqueue died with its process.
-        if created or job.status is JobStatus.QUEUED:
-            await enqueue_run(self.queue, self.settings, job.id)
+        async with self._calling():
+            job, created = await self.store.create(job)
+            # A job seen again (same Idempotency-Key) and still queued is queued again: saq keeps
+            # one job per key, and this heals a job whose first enqueue died with its process.
+            if created or job.status is JobStatus.QUEUED:
+                await enqueue_run(self.queue, self.settings, job.id)
         return job, created
 
     async def get(self, job_id: str) -> Job | None:
-        return await self.store.get(job_id)
+        async with self._calling():
+            return await self.store.get(job_id)
 
     def follow(self, job_id: str) -> AsyncIterator[FollowEvent]:
         return self.store.follow(job_id)
 
     async def cancel(self, job_id: str) -> Job | None:
-        job = await runner.cancel(self.store, job_id)
-        if job is not None:
-            queued = await self.queue.job(job_id)
-            if queued is not None:
-                await self.queue.abort(queued, error="cancelled")
+        async with self._calling():
+            job = await runner.cancel(self.store, job_id)
+            if job is not None:
+                queued = await self.queue.job(job_id)
+                if queued is not None:
+                    await self.queue.abort(queued, error="cancelled")
         return job
 
     async def aclose(self) -> None:
@@ -167,10 +266,59 @@ async def enqueue_delivery(queue: RedisQueue, settings: Settings, job: Job) -> N
 
 
 class JobWorker(Worker[Any]):
-    """saq's worker without its own signal handlers: inside ``tokenrelay serve`` the server
-    owns SIGINT and SIGTERM and stops the worker from its lifespan."""
+    """saq's worker, quiet while Redis is away, and with signal handlers only when asked:
+    inside ``tokenrelay serve`` the server owns SIGINT and SIGTERM and stops the worker from
+    its lifespan.
 
-    SIGNALS = []
+    saq's upkeep loops (abort, schedule, sweep, worker info) log a traceback each time one
+    fails, two a second with Redis away; here a Redis failure marks it lost (one line) and
+    each loop waits, with the dequeue, until it is back."""
+
+    queue: JobQueue
+
+    def __init__(self, queue: JobQueue, *, signals: bool, **kwargs: Any) -> None:
+        super().__init__(queue, **kwargs)
+        self.SIGNALS = Worker.SIGNALS if signals else []
+
+    async def start(self) -> None:
+        quiet = _RedisQuiet(self.queue.health)
+        saq_log.addFilter(quiet)
+        try:
+            await super().start()
+        finally:
+            saq_log.removeFilter(quiet)
+
+    async def process(self) -> bool:
+        # saq records a job's end in Redis; when that fails, and then its retry too, the
+        # error escapes saq's loop. The job's own record is tokenrelay's, written already;
+        # the sweep puts the saq job back once Redis answers, and running it again is a no-op.
+        try:
+            return await super().process()
+        except REDIS_ERRORS as exc:
+            self.queue.health.lost(exc)
+            return True
+
+    async def upkeep(self) -> list[asyncio.Task[None]]:
+        health = self.queue.health
+
+        async def poll(func: Callable[[int], Awaitable[Any]], sleep: int, arg: int | None = None) -> None:
+            while not self.event.is_set():
+                try:
+                    await health.until_up()
+                    await func(arg or sleep)
+                except REDIS_ERRORS as exc:
+                    health.lost(exc)
+                except Exception:
+                    log.exception("jobs: worker upkeep failed")
+                await asyncio.sleep(sleep)
+
+        timers = self.timers
+        return [
+            asyncio.create_task(poll(self.abort, timers["abort"])),
+            asyncio.create_task(poll(self.schedule, timers["schedule"])),
+            asyncio.create_task(poll(self.queue.sweep, timers["sweep"])),
+            asyncio.create_task(poll(self.worker_info, timers["worker_info"], timers["worker_info"] + 1)),
+        ]
 
 
 def make_worker(settings: Settings, *, concurrency: int | None = None, signals: bool = False,
@@ -183,7 +331,8 @@ def make_worker(settings: Settings, *, concurrency: int | None = None, signals: 
     heartbeat = settings.job_heartbeat
 
     async def startup(ctx: dict[str, Any]) -> None:
-        store = RedisJobStore(settings.redis_url or "")
+        store = RedisJobStore(settings.redis_url or "", timeout=settings.redis_timeout,
+                              record_ttl=settings.job_retention)
         ctx["own_provider"] = provider is None
         ctx["jobs"] = JobContext(store=store, provider=provider or ModelRouter(Router(settings)),
                                  deliverer=Deliverer(settings, store))
@@ -210,7 +359,7 @@ def make_worker(settings: Settings, *, concurrency: int | None = None, signals: 
             if job is not None:
                 await enqueue_delivery(ctx["worker"].queue, settings, job)
 
-    return (Worker if signals else JobWorker)(
+    return JobWorker(
         queue,
         functions=[(RUN, run_job), (DELIVER, deliver_webhook)],
         concurrency=concurrency or settings.job_concurrency,
@@ -218,7 +367,29 @@ def make_worker(settings: Settings, *, concurrency: int | None = None, signals: 
         shutdown=shutdown,
         # Look for jobs of dead workers as often as a heartbeat may be missed.
         timers=cast(PartialTimersDict, {"sweep": heartbeat, "abort": 1}),
+        # A blocking dequeue must come back before the Redis client's timeout fires.
+        dequeue_timeout=settings.redis_timeout / 2,
+        signals=signals,
     )
+
+
+saq_log = logging.getLogger("saq")
+
+
+class _RedisQuiet(logging.Filter):
+    """saq logs a traceback for each of its calls that fails; one that failed because Redis
+    is away becomes the worker's one "lost Redis" line instead."""
+
+    def __init__(self, health: RedisHealth) -> None:
+        super().__init__()
+        self.health = health
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, REDIS_ERRORS):
+            self.health.lost(exc)
+            return False
+        return True
 
 
 def describe_upstreams(settings: Settings) -> str:
@@ -246,5 +417,9 @@ async def _heartbeat(job: Any, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             await job.update()
-        except Exception as exc:  # noqa: BLE001 - Redis away for a moment: the next beat may work
-            log.warning("job %s: heartbeat failed: %s", job.key, exc)
+        except REDIS_ERRORS as exc:  # Redis away for a moment: the next beat may work
+            health = getattr(job.queue, "health", None)
+            if isinstance(health, RedisHealth):
+                health.lost(exc)
+            else:
+                log.warning("job %s: heartbeat failed: %s", job.key, exc)

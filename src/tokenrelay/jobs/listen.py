@@ -1,8 +1,9 @@
 """``tokenrelay webhooks listen``: a local webhook receiver for people integrating jobs.
 
 It verifies each delivery's Standard Webhooks signature, answers 204 (or 401 for a bad
-signature), notes duplicates by ``webhook-id`` (a retried delivery is answered 204 again but
-not counted twice), and hands each delivery to a callback: the CLI prints it, the tests
+signature), tells retries from duplicates by ``webhook-id`` (a retry follows a refused or
+failed attempt; a duplicate arrives after one was accepted, and is answered 204 again but not
+counted twice), and hands each delivery to a callback: the CLI prints it, the tests
 record it. ``fail_first`` answers 500 to the first N attempts, to watch retries happen.
 """
 
@@ -34,10 +35,18 @@ class Delivery:
     headers: dict[str, str]
     body: bytes
     received: float
+    answered_before: bool = False
+    """Whether an earlier request with this webhook id was answered 2xx."""
 
     @property
     def duplicate(self) -> bool:
-        return self.attempt > 1
+        """The same webhook again after it was accepted: the receiver must not act twice."""
+        return self.attempt > 1 and self.answered_before
+
+    @property
+    def retry(self) -> bool:
+        """The same webhook again after an earlier attempt was refused or failed."""
+        return self.attempt > 1 and not self.answered_before
 
 
 class Receiver:
@@ -84,6 +93,7 @@ class Receiver:
                 payload = None
         with self._lock:
             self._seen[webhook_id] = attempt = self._seen.get(webhook_id, 0) + 1
+            answered_before = any(d.webhook_id == webhook_id and 200 <= d.status < 300 for d in self.deliveries)
             total = len(self.deliveries) + 1
             if self.webhook is not None and not verified:
                 status = 401
@@ -91,7 +101,8 @@ class Receiver:
                 status = 500
             else:
                 status = 204
-            delivery = Delivery(webhook_id, attempt, verified, status, payload, headers, body, time.time())
+            delivery = Delivery(webhook_id, attempt, verified, status, payload, headers, body, time.time(),
+                                answered_before)
             self.deliveries.append(delivery)
         if self.on_delivery is not None:
             self.on_delivery(delivery)

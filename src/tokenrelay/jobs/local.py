@@ -5,6 +5,11 @@ jobs run (from the start), ended jobs with a webhook pending go on with its deli
 schedule. Runs take one of ``TOKENRELAY_JOB_CONCURRENCY`` slots; webhook attempts take
 none, and a retry waits on one timer (a heap of due times, woken when a new one comes), not
 in a task of its own.
+
+When the store fails (a full disk, an I/O error), a job that cannot start or end yet is
+tried again with a backoff until it can, so it ends, and its followers get their end, once
+the store works again; ``trouble`` says why meanwhile (``/readyz``). Ended jobs older than
+``TOKENRELAY_JOB_RETENTION`` are deleted in the background.
 """
 
 from __future__ import annotations
@@ -13,18 +18,25 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
 from ..config import Settings
 from ..providers.base import Provider
 from . import runner
-from .model import Job
+from .model import Job, iso
 from .runner import JobContext
 from .store import FollowEvent, SQLiteJobStore
 from .webhooks import Deliverer
 
 log = logging.getLogger("tokenrelay.jobs")
+
+STORE_ERRORS = (sqlite3.Error, OSError)
+"""How SQLite and the file system fail: a full disk, an I/O error, a read-only file."""
+STORE_RETRY_FIRST = 0.5
+STORE_RETRY_MAX = 15.0
+"""Seconds between tries while the store fails: doubling from the first to the most."""
 
 
 class LocalJobs:
@@ -41,6 +53,10 @@ class LocalJobs:
         self._next: dict[str, float] = {}  # job id → its one current due time; older heap entries are stale
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
+        self._retention = settings.job_retention
+        self.trouble: str | None = None
+        """Why the store failed last, until it works again."""
 
     async def start(self) -> None:
         todo = await self.store.unfinished()
@@ -52,9 +68,16 @@ class LocalJobs:
             else:
                 self._schedule_delivery(job)
         self._timer = asyncio.create_task(self._deliveries(), name="tokenrelay webhook timer")
+        if self._retention:
+            self._purger = asyncio.create_task(self._purge(), name="tokenrelay job retention")
 
     async def submit(self, job: Job) -> tuple[Job, bool]:
-        job, created = await self.store.create(job)
+        try:
+            job, created = await self.store.create(job)
+        except STORE_ERRORS as exc:
+            self._failed(exc)
+            raise
+        self._works()
         if created:
             self._schedule_run(job.id)
         return job, created
@@ -80,16 +103,39 @@ class LocalJobs:
         self._runs[job_id] = task
         task.add_done_callback(lambda _: self._runs.pop(job_id, None))
 
+    def _failed(self, exc: Exception) -> None:
+        if self.trouble is None:
+            log.warning("jobs: the store at %s fails (%s: %s); jobs wait until it works again",
+                        self.label, type(exc).__name__, exc)
+        self.trouble = f"the job store at {self.label} fails: {exc}"
+
+    def _works(self) -> None:
+        if self.trouble is not None:
+            log.info("jobs: the store at %s works again", self.label)
+            self.trouble = None
+
     async def _run(self, job_id: str) -> None:
-        try:
-            async with self._slots:
-                job = await runner.run(self.ctx, job_id)
+        delay = STORE_RETRY_FIRST
+        while True:
+            try:
+                async with self._slots:
+                    job = await runner.run(self.ctx, job_id)
+            except asyncio.CancelledError:
+                raise
+            except STORE_ERRORS as exc:
+                # The run could not start (or a record not be read): the job stays queued;
+                # trying again is safe, since runner.run is idempotent.
+                self._failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+                continue
+            except Exception:
+                log.exception("job %s: processing failed; it is taken up again at the next start", job_id)
+                return
+            self._works()
             if job is not None:
                 self._schedule_delivery(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("job %s: processing failed; it is taken up again at the next start", job_id)
+            return
 
     def _schedule_delivery(self, job: Job) -> None:
         due = job.delivery_due
@@ -119,6 +165,13 @@ class LocalJobs:
         job: Job | None = None
         try:
             job = await runner.deliver(self.ctx, job_id)
+        except STORE_ERRORS as exc:
+            self._failed(exc)
+            # Its record could not be read or written: try this attempt again later.
+            self._next[job_id] = due = time.time() + STORE_RETRY_MAX
+            heapq.heappush(self._due, (due, job_id))
+            self._wake.set()
+            return
         except Exception:
             log.exception("job %s: webhook attempt failed; it is taken up again at the next start", job_id)
         finally:
@@ -126,10 +179,25 @@ class LocalJobs:
         if job is not None:
             self._schedule_delivery(job)  # the next attempt, if one is due
 
+    async def _purge(self) -> None:
+        """Delete the ended jobs older than the retention, now and then."""
+        interval = min(max(self._retention / 10, 1.0), 3600.0)
+        while True:
+            try:
+                count = await self.store.purge(iso(time.time() - self._retention))
+            except STORE_ERRORS as exc:
+                self._failed(exc)
+            else:
+                if count:
+                    log.info("jobs: deleted %d job(s) older than %d s (TOKENRELAY_JOB_RETENTION)", count,
+                             self._retention)
+            await asyncio.sleep(interval)
+
     async def aclose(self) -> None:
         """Stop at once. Jobs still running stay 'running' in the store and run again at the
         next start; that is the same path as a crash, so it is the one that gets tested."""
-        tasks = [*self._runs.values(), *self._sending.values(), *([self._timer] if self._timer else [])]
+        tasks = [*self._runs.values(), *self._sending.values(),
+                 *(task for task in (self._timer, self._purger) if task is not None)]
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,6 +1,6 @@
 """A job's record: a frozen ``Job``, stored as the same JSON object in SQLite and in Redis.
 
-    {"id", "status", "model", "request", "idempotency_key", "body_hash",
+    {"id", "status", "model", "request", "idempotency_key", "body_hash", "owner",
      "result": {"text", "finish_reason", "usage"} | None, "error": {"type", "message"} | None,
      "created_at", "started_at", "finished_at", "runs",
      "webhook": {"url", "id", "state", "next_attempt_at"} | None, "deliveries": [...]}
@@ -12,6 +12,11 @@ or the attempts run out (``failed``); a cancelled job sends none (``skipped``).
 ``webhook.id`` is chosen when the job is created and sent on every attempt;
 ``webhook.next_attempt_at`` is when the next attempt is due, so a retry is a scheduled
 item, not a wait inside a running task.
+
+``owner`` is the name of the client key that created the job (``TOKENRELAY_API_KEYS``):
+only that key sees the job, and its Idempotency-Keys are its own. It is None when the
+service has no client keys, and on records written before jobs had owners: those stay
+readable by any key.
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class Job:
     runs: int = 0
     webhook: Webhook | None = None
     deliveries: tuple[Attempt, ...] = ()
+    owner: str | None = None
 
     # --- transitions: each returns the new record ---
 
@@ -131,6 +137,20 @@ class Job:
         return dataclasses.replace(self, webhook=hook, deliveries=deliveries)
 
     # --- views ---
+
+    def visible_to(self, client: str | None) -> bool:
+        """Whether the client key named ``client`` may see the job: its own, or one without
+        an owner; without client keys (``client`` None) every job."""
+        return client is None or self.owner is None or self.owner == client
+
+    @property
+    def idempotency_scope(self) -> str | None:
+        """The job's Idempotency-Key as the stores index it: within its owner's namespace.
+        A newline can be in neither a header value nor a key's name, so no two owners'
+        scopes meet; a job without an owner keeps the bare key, as records always had."""
+        if self.idempotency_key is None or self.owner is None:
+            return self.idempotency_key
+        return f"{self.owner}\n{self.idempotency_key}"
 
     @property
     def delivery_due(self) -> float | None:
@@ -196,7 +216,7 @@ def now_iso() -> str:
 
 
 def new_job(*, request: dict[str, Any], model: str, webhook_url: str | None, idempotency_key: str | None,
-            body_hash: str) -> Job:
+            body_hash: str, owner: str | None = None) -> Job:
     return Job(id=new_job_id(), status=JobStatus.QUEUED, model=model, request=request,
-               idempotency_key=idempotency_key, body_hash=body_hash, created_at=now_iso(),
+               idempotency_key=idempotency_key, body_hash=body_hash, created_at=now_iso(), owner=owner,
                webhook=Webhook(url=webhook_url, id=new_webhook_id()) if webhook_url else None)

@@ -12,6 +12,8 @@ import json
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import WatchError
 
 from .model import Job
@@ -26,31 +28,45 @@ JOB_TEXT = "tokenrelay:job-text:"
 
 TEXT_TTL = 3600
 """Seconds an ended job's stream is kept; afterwards followers replay from the record."""
-RECORD_TTL = 30 * 24 * 3600
-"""Seconds a job's record is kept after it is created (jobs are answers, not an archive)."""
+RECORD_TTL = 7 * 24 * 3600
+"""Seconds a job's record is kept after it is created, unless TOKENRELAY_JOB_RETENTION says
+otherwise (jobs are answers, not an archive)."""
 
+# ARGV[4] '0': kept until deleted (TOKENRELAY_JOB_RETENTION=0).
 _CREATE = """
 if ARGV[2] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing then return existing end
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+  if ARGV[4] == '0' then redis.call('SET', KEYS[2], ARGV[3]) else redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4]) end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
+if ARGV[4] == '0' then redis.call('SET', KEYS[1], ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4]) end
 return false
 """
 
 
+def connect(url: str, *, timeout: float) -> aioredis.Redis:
+    """A client for the jobs' Redis whose every call ends within ``timeout`` seconds.
+
+    redis-py's default retries a timed-out or refused call three times with a backoff of up
+    to 10 s, so a frozen Redis held a request for 40 s; here a call fails once, at once,
+    and the caller decides (a 503 with Retry-After, a worker waiting with its own backoff)."""
+    return aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                   retry=Retry(NoBackoff(), 0))
+
+
 class RedisJobStore:
-    def __init__(self, url: str, *, block_ms: int = 1000) -> None:
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
-        self.block_ms = block_ms
+    def __init__(self, url: str, *, timeout: float = 3.0, record_ttl: int = RECORD_TTL) -> None:
+        self.redis: aioredis.Redis = connect(url, timeout=timeout)
+        # A follower's blocking XREAD must come back before the client's own timeout fires.
+        self.block_ms = max(1, min(1000, int(timeout * 1000 / 2)))
+        self.record_ttl = record_ttl
         self._create = self.redis.register_script(_CREATE)
 
     async def create(self, job: Job) -> tuple[Job, bool]:
-        key = job.idempotency_key or ""
+        key = job.idempotency_scope or ""
         existing = await self._create(
             keys=[JOB + job.id, JOB_KEY + key],
-            args=[job.to_json(), "1" if key else "", job.id, RECORD_TTL],
+            args=[job.to_json(), "1" if key else "", job.id, self.record_ttl],
         )
         if existing:
             earlier = await self.get(existing.decode())
@@ -85,7 +101,7 @@ class RedisJobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(JOB_TEXT + job_id)
             pipe.xadd(JOB_TEXT + job_id, {"run": "1"})
-            pipe.expire(JOB_TEXT + job_id, RECORD_TTL)
+            pipe.expire(JOB_TEXT + job_id, self.record_ttl or RECORD_TTL)
             await pipe.execute()
 
     async def live_append(self, job_id: str, text: str) -> None:

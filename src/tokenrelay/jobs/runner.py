@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import TokenrelayError
 from ..providers.base import Provider
@@ -25,6 +26,11 @@ from .store import CANCELLED_EVENT, JobStore, end_event
 from .webhooks import Deliverer
 
 log = logging.getLogger("tokenrelay.jobs")
+T = TypeVar("T")
+
+job_observers: weakref.WeakKeyDictionary[Provider, Callable[[Job], object]] = weakref.WeakKeyDictionary()
+"""Told of each job a run ends, by the provider that answered it: each app's metrics
+(``Metrics.watch``) count the jobs of their own provider, wherever the job was queued."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +93,45 @@ async def run(ctx: JobContext, job_id: str) -> Job | None:
             return None
         return current.ended(result, error)
 
-    ended = await store.update(job_id, end)
+    ended = await _until_recorded(lambda: store.update(job_id, end), job_id)
     if ended is None:
         return await store.get(job_id)
     await store.live_end(job_id, end_event(ended))
+    if observe := job_observers.get(ctx.provider):
+        observe(ended)
     log.info("job %s: %s in %.2f s (%d pieces%s)", job_id, ended.status, time.perf_counter() - began, len(pieces),
              f", {error.type}" if error else "")
     return ended
+
+
+RECORD_RETRY_FIRST = 0.5
+RECORD_RETRY_MAX = 15.0
+"""Seconds between attempts to record a job's end while its store fails (a full disk, Redis
+away): doubling from the first to the most."""
+
+
+async def _until_recorded(write: Callable[[], Awaitable[T]], job_id: str) -> T:
+    """``write()``, tried again until the store takes it. The answer is in hand: asking the
+    model again because the disk was full for a while would cost a second answer, and the
+    job's followers wait for this end. Said once when it fails and once when it works."""
+    delay = RECORD_RETRY_FIRST
+    failed = False
+    while True:
+        try:
+            result = await write()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any store failure: try again
+            if not failed:
+                log.warning("job %s: cannot record its end (%s: %s); trying again until the store takes it",
+                            job_id, type(exc).__name__, exc)
+                failed = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX)
+            continue
+        if failed:
+            log.info("job %s: its end is recorded", job_id)
+        return result
 
 
 async def deliver(ctx: JobContext, job_id: str) -> Job | None:

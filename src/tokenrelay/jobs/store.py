@@ -130,7 +130,12 @@ class SQLiteJobStore:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenrelay-sqlite")
         self._db: sqlite3.Connection | None = None
         self._feeds: dict[str, _Feed] = {}
-        self._thread.submit(self._open).result()
+        try:
+            self._thread.submit(self._open).result()
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            os.close(self._lock_fd)
+            raise
 
     def _open(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -143,6 +148,7 @@ class SQLiteJobStore:
             " delivery TEXT, created TEXT NOT NULL, record BLOB NOT NULL)"
         )
         db.execute("CREATE INDEX IF NOT EXISTS jobs_todo ON jobs (status, delivery)")
+        db.execute("CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created)")
         self._db = db
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -154,15 +160,16 @@ class SQLiteJobStore:
         def insert(db: sqlite3.Connection) -> tuple[Job, bool]:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                if job.idempotency_key is not None:
-                    row = db.execute("SELECT record FROM jobs WHERE idempotency_key = ?",
-                                     (job.idempotency_key,)).fetchone()
+                # The column holds the key within its owner's namespace (Job.idempotency_scope).
+                scope = job.idempotency_scope
+                if scope is not None:
+                    row = db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (scope,)).fetchone()
                     if row is not None:
                         return Job.from_json(row[0]), False
                 db.execute(
                     "INSERT INTO jobs (id, idempotency_key, status, delivery, created, record)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    (job.id, job.idempotency_key, job.status, _delivery(job), job.created_at, job.to_json()),
+                    (job.id, scope, job.status, _delivery(job), job.created_at, job.to_json()),
                 )
             return job, True
 
@@ -201,6 +208,20 @@ class SQLiteJobStore:
             return [Job.from_json(row[0]) for row in rows]
 
         return await self._run(select)
+
+    async def purge(self, created_before: str) -> int:
+        """Delete the ended jobs created before ``created_before`` (RFC 3339, as ``created``
+        is written, so text order is time order) that have no webhook left to send; how many."""
+        def delete(db: sqlite3.Connection) -> int:
+            with db:
+                cursor = db.execute(
+                    "DELETE FROM jobs WHERE created < ? AND status NOT IN (?, ?)"
+                    " AND (delivery IS NULL OR delivery != ?)",
+                    (created_before, JobStatus.QUEUED, JobStatus.RUNNING, WebhookState.PENDING),
+                )
+            return cursor.rowcount
+
+        return await self._run(delete)
 
     # --- live text: in memory, since in this mode the serving process runs the job ---
 

@@ -48,10 +48,16 @@ class Refused(Exception):
     """The URL may not be delivered to: a permanent failure, not retried."""
 
 
-def check_url_syntax(url: str) -> str:
-    """Refuse a webhook URL that could never work, when the job is submitted."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+def check_url_syntax(url: str, *, allow_internal: bool = False) -> str:
+    """Refuse a webhook URL that could never work, or names a private address outright,
+    when the job is submitted (a name is checked at each attempt, against what it resolves
+    to then: ``resolve``)."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:  # e.g. "http://[::1": an unclosed IPv6 bracket
+        raise ValidationFailed(f"webhook_url: not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ValidationFailed("webhook_url: must be an http:// or https:// URL with a host")
     if parts.username or parts.password:
         raise ValidationFailed("webhook_url: must not carry credentials")
@@ -59,13 +65,39 @@ def check_url_syntax(url: str) -> str:
         _ = parts.port
     except ValueError:
         raise ValidationFailed("webhook_url: the port is not a number from 0 to 65535") from None
+    try:
+        literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(hostname)
+    except ValueError:
+        literal = None  # a name, or a zone-scoped IPv6 address, which is link-local anyway
+        if "%" in hostname and not allow_internal:
+            raise ValidationFailed(f"webhook_url: {hostname} is a link-local address; webhooks go to public "
+                                   "addresses (allow with TOKENRELAY_WEBHOOK_ALLOW_PRIVATE=true)") from None
+    if literal is not None and not allow_internal and is_internal(literal):
+        raise ValidationFailed(f"webhook_url: {literal} is a private, loopback or link-local address; webhooks go "
+                               "to public addresses (allow with TOKENRELAY_WEBHOOK_ALLOW_PRIVATE=true)")
     return url
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+"""The well-known NAT64 prefix (RFC 6052): the last 32 bits are the IPv4 address reached."""
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+"""Deprecated IPv4-compatible addresses (``::a.b.c.d``, RFC 4291): no public use left, and
+some stacks still route them to the IPv4 address inside."""
+
+
 def is_internal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Private, loopback, link-local and the like: not somewhere on the public internet."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Private, loopback, link-local and the like: not somewhere on the public internet.
+
+    An IPv6 address that carries an IPv4 address (IPv4-mapped, NAT64, 6to4) is judged by
+    the IPv4 address it reaches; IPv4-compatible and site-local addresses are internal."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in IPV4_COMPATIBLE or address.is_site_local:
+            return True
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is None and address in NAT64:
+            inner = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if inner is not None:
+            address = inner
     return not address.is_global or address.is_multicast
 
 

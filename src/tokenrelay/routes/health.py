@@ -4,7 +4,9 @@ Ready means every upstream answers: each route's upstream is checked at the same
 within a short timeout, by its provider's ``check_ready`` (``GET {upstream}/models`` for the
 OpenAI-compatible and Anthropic APIs); the built-in simulator is always ready. One
 upstream down makes the whole service not ready, and the answer names it: a request for its
-models would fail, and a load balancer has no other way to learn that.
+models would fail, and a load balancer has no other way to learn that. ``jobs`` says whether
+jobs work (``ok``, ``degraded`` while their store fails, ``unavailable``) without changing
+the status.
 
 The answer is cached for a few seconds, so a load balancer polling every second from several
 places costs each model API one request per few seconds, and only one check runs at a time.
@@ -24,7 +26,7 @@ from starlette.responses import JSONResponse
 from ..config import Settings
 from ..providers.base import Provider
 from ..routing import Upstream
-from ..state import app_state
+from ..state import AppState, app_state
 from ..upstreams import UpstreamView, upstream_summary, upstream_views
 
 CHECK_TIMEOUT = 2.0
@@ -104,12 +106,23 @@ def _reason(checks: Sequence[UpstreamCheck]) -> str | None:
     return "; ".join(failed) or None
 
 
+def jobs_status(state: AppState) -> dict[str, str | None]:
+    """Whether jobs work, for /readyz. Jobs away do not make the service not ready: the
+    streaming routes need neither the disk nor Redis, so a load balancer keeps sending them."""
+    if state.jobs is None:
+        return {"status": "unavailable", "reason": state.jobs_unavailable or "jobs are not available"}
+    trouble = state.jobs.trouble
+    if trouble is not None:
+        return {"status": "degraded", "store": state.jobs.label, "reason": trouble}
+    return {"status": "ok", "store": state.jobs.label, "reason": None}
+
+
 async def readyz(request: Request) -> JSONResponse:
     state = app_state(request)
     settings = state.settings
     checks = await state.readiness.cached(lambda: check_upstreams(state.router.upstreams, settings))
     body: dict[str, Any] = {"status": "ready", "upstream": upstream_summary(settings),
-                            "upstreams": [check.to_dict() for check in checks]}
+                            "upstreams": [check.to_dict() for check in checks], "jobs": jobs_status(state)}
     reason = _reason(checks)
     if reason is None:
         return JSONResponse(body)

@@ -8,14 +8,21 @@
 
 The backend (``app.state.jobs``) is a ``jobs.backend.JobBackend``: ``LocalJobs`` (SQLite,
 run in this process) or ``RemoteJobs`` (Redis, run by ``tokenrelay worker``).
+
+With client keys a job is its submitting key's (``Job.owner``, the key's name): other keys
+get 404 for it, and Idempotency-Keys are scoped to the key. A store that fails answers 507
+(disk full) or 503, with Retry-After, never a 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+import sqlite3
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import orjson
 from pydantic import Field
@@ -29,7 +36,8 @@ from ..jobs.model import Job, new_job
 from ..jobs.runner import close
 from ..jobs.store import FollowEvent
 from ..jobs.webhooks import check_url_syntax
-from ..logs import request_id
+from ..config import Settings
+from ..logs import client_name, request_id
 from ..schemas import ChatRequest, parse_model
 from ..state import app_state
 from ..streaming import sse
@@ -55,13 +63,47 @@ class IdempotencyKeyReused(ValidationFailed):
     type = "idempotency_key_reused"
 
 
-@contextlib.contextmanager
-def _reaching(jobs: JobBackend) -> Iterator[None]:
-    """Redis errors become a 503 that says so, at the boundary (errors.py)."""
+class InsufficientStorage(TokenrelayError):
+    # RFC 4918's status for "the server cannot store what is needed to complete the request".
+    status = 507
+    type = "insufficient_storage"
+
+
+RETRY_AFTER = "5"
+"""Seconds a client is told to wait when the job store is away or full."""
+
+
+@contextlib.asynccontextmanager
+async def _reaching(jobs: JobBackend, settings: Settings) -> AsyncIterator[None]:
+    """The store's failures become a status that says so, with Retry-After: a full disk
+    507, anything else (Redis away or frozen, an I/O error) 503. Every store call is bounded
+    (Redis by TOKENRELAY_REDIS_TIMEOUT per call); this bounds a request's few calls together."""
+    retry = {"retry-after": RETRY_AFTER}
     try:
-        yield
+        async with asyncio.timeout(settings.redis_timeout * 3):
+            yield
+    except TimeoutError:
+        raise ServiceUnavailable(f"jobs are unavailable: {jobs.label} did not answer in time",
+                                 headers=retry) from None
     except RedisError as exc:
-        raise ServiceUnavailable(f"jobs are unavailable: {jobs.label} does not answer ({exc})") from None
+        raise ServiceUnavailable(f"jobs are unavailable: {jobs.label} does not answer ({exc})",
+                                 headers=retry) from None
+    except (sqlite3.Error, OSError) as exc:
+        if _disk_full(exc):
+            raise InsufficientStorage(f"jobs are unavailable: the disk of {jobs.label} is full; "
+                                      "jobs already accepted end once there is room again", headers=retry) from None
+        raise ServiceUnavailable(f"jobs are unavailable: {jobs.label} cannot be used ({exc})", headers=retry) from None
+
+
+def _disk_full(exc: sqlite3.Error | OSError) -> bool:
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return exc.errno == errno.ENOSPC
+
+
+def _client(request: Request) -> str | None:
+    """The name of the client key that sent the request; None when the service has none."""
+    return client_name.get() if app_state(request).keys else None
 
 
 def _jobs(request: Request) -> JobBackend:
@@ -79,7 +121,7 @@ async def create_job(request: Request) -> Response:
     if model is None:
         raise ValidationFailed("model: required, since no default model is set (TOKENRELAY_MODEL)")
     if body.webhook_url is not None:
-        check_url_syntax(body.webhook_url)
+        check_url_syntax(body.webhook_url, allow_internal=settings.webhook_allow_private)
         if settings.webhook_secret is None:
             raise WebhooksNotConfigured(
                 "this service cannot sign webhooks: set TOKENRELAY_WEBHOOK_SECRET (whsec_…) on the server, "
@@ -91,9 +133,9 @@ async def create_job(request: Request) -> Response:
     chat = ChatRequest.model_validate(body.model_dump(exclude={"webhook_url"})).model_dump(exclude={"stream"})
     body_hash = hashlib.sha256(orjson.dumps({"request": chat, "model": model, "webhook_url": body.webhook_url},
                                             option=orjson.OPT_SORT_KEYS)).hexdigest()
-    with _reaching(jobs):
+    async with _reaching(jobs, settings):
         job, created = await jobs.submit(new_job(request=chat, model=model, webhook_url=body.webhook_url,
-                                                 idempotency_key=key, body_hash=body_hash))
+                                                 idempotency_key=key, body_hash=body_hash, owner=_client(request)))
     if not created and job.body_hash != body_hash:
         raise IdempotencyKeyReused(
             f"Idempotency-Key {key!r} was used for job {job.id} with another body; use a new key for a new job"
@@ -107,9 +149,10 @@ async def create_job(request: Request) -> Response:
 async def _get(request: Request) -> tuple[JobBackend, Job]:
     jobs = _jobs(request)
     job_id = request.path_params["job_id"]
-    with _reaching(jobs):
+    async with _reaching(jobs, app_state(request).settings):
         job = await jobs.get(job_id)
-    if job is None:
+    # Another key's job is "not found", not "forbidden": that it exists is not for others to learn.
+    if job is None or not job.visible_to(_client(request)):
         raise NotFound(f"no job {job_id!r}")
     return jobs, job
 
@@ -121,12 +164,13 @@ async def get_job(request: Request) -> Response:
 
 async def delete_job(request: Request) -> Response:
     jobs, job = await _get(request)
-    with _reaching(jobs):
+    async with _reaching(jobs, app_state(request).settings):
         cancelled = await jobs.cancel(job.id)
         if cancelled is None:
             job = await jobs.get(job.id) or job
     if cancelled is None:
-        raise Conflict(f"job {job.id} has already {job.status}; only queued or running jobs can be cancelled")
+        raise Conflict(f"job {job.id} {'was' if job.status == 'cancelled' else 'has'} already {job.status}; "
+                       "only queued or running jobs can be cancelled")
     return JSONResponse(cancelled.public())
 
 

@@ -21,11 +21,12 @@ from starlette.responses import JSONResponse
 from ..errors import ValidationFailed
 from ..logs import request_id
 from ..providers.base import OpenAIRequest
+from ..resume.registry import new_stream_id
 from ..routing import Attempts
 from ..schemas import OpenAIChatBody, describe_validation, parse_json_object, parse_openai_body
 from ..state import app_state
 from ..streaming.openai_relay import STREAM_HEADERS, openai_error, v1_body
-from ..streaming.record import StreamRecord, new_stream_id
+from ..streaming.record import StreamRecord
 from ..streaming.response import Body, StreamResponse
 from .endpoint import Endpoint
 from .request_body import read_json_body

@@ -1,26 +1,32 @@
 """``POST /api/get-response``: the route of the original design, done right.
 
 request → validation (here) → provider (routed, ``routing.ModelRouter``) → body in the wire
-format (``streaming.relay``) → ``StreamResponse`` → client.
-The ``Accept`` header picks the wire: plain text by default, SSE for
-``text/event-stream``; ``"stream": false`` asks for one JSON answer at the end.
+format (``streaming.live``, written to the stream's log as it goes) → ``StreamResponse``
+→ client. The ``Accept`` header picks the wire: plain text by default, SSE for
+``text/event-stream``; ``"stream": false`` asks for one JSON answer at the end. A streamed
+answer can be resumed and stopped at ``/api/streams/{id}`` (``routes.streams``).
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
-from ..errors import ValidationFailed
-from ..logs import request_id
-from ..routing import Attempts
+from ..config import Settings
+from ..errors import TokenrelayError, ValidationFailed
+from ..logs import client_name, request_id
+from ..providers.base import Delta
+from ..resume.log import Ending
+from ..resume.registry import LiveStream, new_stream_id
+from ..routing import Attempts, ModelRouter
 from ..schemas import ChatRequest, parse_model
 from ..state import app_state
-from ..streaming import sse
-from ..streaming.record import Mode, StreamRecord, new_stream_id
-from ..streaming.relay import BODIES, CONTENT_TYPES
+from ..streaming.live import live_body
+from ..streaming.record import Mode, StreamRecord
+from ..streaming.relay import CONTENT_TYPES, json_body
 from ..streaming.response import Body, StreamResponse
+from ..streaming.wire import WIRES
 from .endpoint import Endpoint
 from .request_body import read_json_body
 
@@ -36,29 +42,75 @@ async def get_response(request: Request) -> StreamResponse:
         raise ValidationFailed("model: required, since no default model is set (TOKENRELAY_MODEL)")
     state.router.resolve(model)  # an unknown model is a 404 before anything starts
     mode = pick_mode(request, chat)
-    record = StreamRecord(
-        request_id=request_id.get(),
-        stream_id=new_stream_id(),
-        model=model,
-        mode=mode,
-        prompt=last_user_message(chat) if settings.log_prompts else None,
-    )
     provider = state.provider
+    if mode == "json":  # one answer at the end: nothing to resume, leaving stops it
+        record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model, mode=mode,
+                              prompt=last_user_message(chat) if settings.log_prompts else None)
+
+        async def open_whole() -> Body:
+            deltas = await open_deltas(provider, chat, model, record)
+            return json_body(deltas, record)
+
+        return StreamResponse(open_whole, headers=[*_HEADERS[mode], *_ids(record)], record=record,
+                              observer=state.metrics, send_timeout=settings.send_timeout)
+
+    streams = state.streams
+    stream = streams.open(owner=client_name.get(), model=model, wire=mode, grace=resume_grace(request, settings))
+    record = StreamRecord(request_id=request_id.get(), stream_id=stream.id, model=model, mode=mode,
+                          prompt=last_user_message(chat) if settings.log_prompts else None)
+    wire = WIRES[mode]
 
     async def open_body() -> Body:
-        attempts = Attempts()
         try:
-            # The request is the provider's from here: not kept for the stream's lifetime.
-            deltas = await provider.open(chat, model=model, attempts=attempts)
-        finally:
-            record.attempts = str(attempts)
-        return BODIES[mode](deltas, record)
+            deltas = await open_deltas(provider, chat, model, record)
+        except BaseException as exc:  # refused, or stopped while the upstream was asked
+            streams.finished(stream, _ending_of(exc, stream))
+            raise
+        return live_body(deltas, record, stream, wire, streams)
 
-    headers = [*_HEADERS[mode], (b"x-request-id", record.request_id.encode()),
-               (b"x-stream-id", record.stream_id.encode())]
-    return StreamResponse(open_body, headers=headers, record=record, observer=state.metrics,
-                          ping=sse.PING if mode == "sse" else None, heartbeat=settings.heartbeat_interval,
-                          send_timeout=settings.send_timeout)
+    def say_stopped() -> bytes | None:
+        return wire.ending(stream.log.ending) if stream.log.ending is not None else None
+
+    response = StreamResponse(open_body, headers=[*_HEADERS[mode], *_ids(record)], record=record,
+                              observer=state.metrics, ping=wire.ping, heartbeat=settings.heartbeat_interval,
+                              send_timeout=settings.send_timeout, on_disconnect=lambda: streams.detach(stream),
+                              on_stop=say_stopped)
+    stream.stopper = response.stop
+    return response
+
+
+async def open_deltas(provider: ModelRouter, chat: ChatRequest, model: str,
+                      record: StreamRecord) -> AsyncIterator[Delta]:
+    attempts = Attempts()
+    try:
+        # The request is the provider's from here: not kept for the stream's lifetime.
+        return await provider.open(chat, model=model, attempts=attempts)
+    finally:
+        record.attempts = str(attempts)
+
+
+def resume_grace(request: Request, settings: Settings) -> float:
+    """``TOKENRELAY_RESUME_GRACE``, or the request's own ``X-Resume-Grace``."""
+    given = request.headers.get("x-resume-grace")
+    if given is None:
+        return settings.resume_grace
+    try:
+        grace = float(given)
+    except ValueError:
+        grace = -1.0
+    if not 0 <= grace <= 3600:
+        raise ValidationFailed(f"X-Resume-Grace: seconds from 0 to 3600 (got {given[:40]!r})")
+    return grace
+
+
+def _ids(record: StreamRecord) -> list[tuple[bytes, bytes]]:
+    return [(b"x-request-id", record.request_id.encode()), (b"x-stream-id", record.stream_id.encode())]
+
+
+def _ending_of(exc: BaseException, stream: LiveStream) -> Ending:
+    if isinstance(exc, TokenrelayError):
+        return Ending("error", exc.to_dict())
+    return Ending("stopped", {"reason": stream.stop_reason or "client_cancelled", "usage": None})
 
 
 # Shared by every stream of a mode rather than built for each (memory per open stream).

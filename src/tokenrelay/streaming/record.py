@@ -4,7 +4,6 @@ the one log line and observer calls it ends in. Nothing here runs per chunk."""
 from __future__ import annotations
 
 import logging
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,13 +15,6 @@ from ..providers.base import Delta, Usage
 log = logging.getLogger("tokenrelay.request")
 
 Mode = Literal["text", "sse", "json"]
-
-
-def new_stream_id() -> str:
-    """A stream's name in logs, headers and events. It grants nothing, so it comes from the
-    process's PRNG (seeded anew in every process, forked or not) rather than a system call for
-    ``secrets``: 96 bits keep names from colliding."""
-    return f"st_{random.getrandbits(96):024x}"
 
 
 @dataclass(slots=True)

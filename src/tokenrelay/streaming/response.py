@@ -50,6 +50,11 @@ Body = AsyncGenerator[bytes, None]
 OpenBody = Callable[[], Awaitable[Body]]
 
 
+class StreamStopped(TokenrelayError):
+    status = 409
+    type = "stream_stopped"
+
+
 class StreamAborted(Exception):
     """Raised to the server so it drops the connection mid-body (see the module docstring)."""
 
@@ -69,9 +74,9 @@ def tokenrelay_error(exc: TokenrelayError) -> tuple[int, Headers, bytes]:
 
 
 class StreamResponse:
-    __slots__ = ("_abort", "_body", "_busy_since", "_closed", "_last_send", "_open_body", "_ping", "_send",
-                 "_stopped_by", "_task", "_timer", "error_response", "headers", "heartbeat", "observer", "ping",
-                 "record", "send_timeout")
+    __slots__ = ("_abort", "_body", "_busy_since", "_closed", "_detached", "_last_send", "_open_body", "_ping",
+                 "_send", "_stopped_by", "_task", "_timer", "error_response", "headers", "heartbeat", "observer",
+                 "on_disconnect", "on_stop", "ping", "record", "send_timeout")
 
     def __init__(
         self,
@@ -84,6 +89,8 @@ class StreamResponse:
         heartbeat: float = 0.0,
         send_timeout: float = 0.0,
         error_response: ErrorResponse = tokenrelay_error,
+        on_disconnect: Callable[[], None] | None = None,
+        on_stop: Callable[[], bytes | None] | None = None,
     ) -> None:
         self._open_body: OpenBody | None = open_body
         self._body: Body | None = None
@@ -95,6 +102,13 @@ class StreamResponse:
         self.heartbeat = heartbeat
         self.send_timeout = send_timeout
         self.error_response = error_response
+        self.on_disconnect = on_disconnect
+        """A resumable answer: told when its client leaves, instead of the answer being
+        stopped; the body goes on (into its log) until it ends or is stopped (``stop``)."""
+        self.on_stop = on_stop
+        """The closing bytes for a client still connected when the answer is stopped on
+        request (``stop("stopped")``); None: the body breaks off."""
+        self._detached = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._stopped_by: str | None = None
@@ -113,6 +127,8 @@ class StreamResponse:
         assert task is not None
         self._task = task
         self._send = send
+        if self._stopped_by is not None:  # stopped before it began
+            task.cancel()
         record = self.record
         if self.observer is not None and record is not None:
             self.observer.stream_started(record)
@@ -130,6 +146,8 @@ class StreamResponse:
                         self._arm()
                     elif self._ping is not None:
                         await self._ping  # a heartbeat being written goes first
+                    if self._detached:
+                        continue  # nobody to send to: the body goes on into its log
                     self._busy_since = now = loop.time()
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
                     self._busy_since = 0.0
@@ -148,10 +166,12 @@ class StreamResponse:
                     await self._ping
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            # Our own cancellation (the client left or stalled) ends the response; any other
-            # (shutdown) goes on.
+            # Our own cancellation (the client left or stalled, or a stop) ends the response;
+            # any other (shutdown) goes on.
             if self._stopped_by is None or task.uncancel() > 0:
                 raise
+            if self._stopped_by == "stopped" and not self._detached:
+                await self._say_stopped(send, started)
         finally:
             self._closed = True
             listener.cancel()
@@ -167,6 +187,20 @@ class StreamResponse:
                     self.observer.stream_finished(record)
         if self._abort is not None:
             raise StreamAborted(self._abort.message)
+
+    async def _say_stopped(self, send: Send, started: bool) -> None:
+        """Tell a client still connected that its answer was stopped on request."""
+        closing = self.on_stop() if self.on_stop is not None else None
+        if closing is None:
+            stopped = StreamStopped("the answer was stopped (DELETE /api/streams/{id})")
+            if started:
+                self._abort = stopped
+            else:
+                await self._send_error(send, stopped)
+            return
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": closing, "more_body": False})
 
     async def _open(self) -> Body:
         """The body, opened; the opener is dropped, so what it holds (the request) is not
@@ -186,7 +220,15 @@ class StreamResponse:
     async def _listen_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        if self.on_disconnect is not None and not self._closed:
+            self._detached = True
+            self.on_disconnect()
+            return
         self._stop("client_cancelled")
+
+    def stop(self, outcome: str) -> None:
+        """End the answer now (its upstream request too), with ``outcome`` in its record."""
+        self._stop(outcome)
 
     def _stop(self, outcome: str) -> None:
         if self._closed or self._stopped_by is not None:
@@ -194,8 +236,8 @@ class StreamResponse:
         self._stopped_by = outcome
         if self.record is not None:
             self.record.outcome = outcome
-        assert self._task is not None
-        self._task.cancel()
+        if self._task is not None:  # else: cancelled as soon as it begins
+            self._task.cancel()
 
     # --- the watch timer: heartbeats and the send timeout ---
 

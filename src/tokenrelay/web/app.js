@@ -583,6 +583,9 @@
           settle("failed", { type: err.type || "upstream_error", message: err.message || "The upstream reported an error." });
           break;
         }
+        case "stopped":
+          settle("stopped", { usage: payload && payload.usage });
+          break;
         default:
           break; // unknown event names are ignored
       }
@@ -661,12 +664,26 @@
     }
   }
 
-  function stop() {
+  async function stop() {
     if (!active) return;
-    active.stopRequested = true;
-    // Aborting the fetch closes the connection; the server then cancels
-    // the upstream request.
-    active.controller.abort();
+    const run = active;
+    run.stopRequested = true;
+    // A stream outlives its connection for a while (so a reload can resume it), so
+    // closing the connection would not stop the model: ask the server to stop it. The
+    // stream then ends with "event: stopped", which settles the answer.
+    const id = run.view.el.dataset.streamId;
+    if (id) {
+      try {
+        const res = await fetch("/api/streams/" + encodeURIComponent(id), {
+          method: "DELETE",
+          headers: { Accept: "application/json", ...authHeaders() },
+        });
+        if (res.ok) return;
+      } catch (e) {
+        /* the server cannot be asked: close the connection instead */
+      }
+    }
+    run.controller.abort();
   }
 
   // ---------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""``Streams``: this instance's streamed answers, while they run and for a while after.
+
+A stream is found by its id, which is a capability (128 bits from ``secrets``): with client
+keys, only the key that created a stream finds it — to anyone else it does not exist (404,
+never 403, which would confirm it). Each stream counts its readers: the connection that asked
+and any that came back. When the last one leaves, a running answer is given ``grace``
+seconds for a reader to return (a reload, a network switch) before its upstream request is
+closed; a stream that nobody asked to keep (``grace`` 0) stops at once, as a plain relay does.
+
+A finished stream stays readable for ``ttl`` seconds; all finished streams together keep at
+most ``memory_bytes`` of text, the oldest given up first. A running stream is never given up
+here: its own size cap (``StreamLog.max_bytes``) bounds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from ..errors import NotFound
+from .log import Ending, StreamLog
+
+log = logging.getLogger("tokenrelay.resume")
+
+SWEEP_SECONDS = 15.0
+
+
+def new_stream_id() -> str:
+    """A stream's id: 128 bits from the system's randomness, since holding it lets one read
+    and stop the answer."""
+    return "st_" + secrets.token_hex(16)
+
+
+@dataclass(eq=False, slots=True)
+class LiveStream:
+    id: str
+    owner: str | None
+    """The name of the client key that created it (None without client keys)."""
+    model: str
+    wire: str
+    log: StreamLog
+    grace: float
+    created: float = field(default_factory=time.time)
+    readers: int = 0
+    stopper: Callable[[str], None] | None = None
+    """Stops the running answer (its upstream request too) with an outcome; None once it ended."""
+    stop_reason: str | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    _grace_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.stopper is not None
+
+
+class Streams:
+    def __init__(self, *, grace: float, ttl: float, max_bytes: int, memory_bytes: int,
+                 other_processes: bool = False) -> None:
+        self.grace = grace
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.memory_bytes = memory_bytes
+        self.other_processes = other_processes
+        """Other serve processes hold streams this one cannot see: a miss says so."""
+        self._streams: dict[str, LiveStream] = {}
+        self._finished: OrderedDict[str, LiveStream] = OrderedDict()
+        self._finished_bytes = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- the producer's side ---
+
+    def open(self, *, owner: str | None, model: str, wire: str, grace: float | None = None) -> LiveStream:
+        stream = LiveStream(new_stream_id(), owner, model, wire, StreamLog(max_bytes=self.max_bytes),
+                            self.grace if grace is None else grace, readers=1)
+        self._streams[stream.id] = stream
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return stream
+
+    def finished(self, stream: LiveStream, ending: Ending) -> None:
+        """The answer ended, however: it stays readable for ``ttl``."""
+        stream.log.end(ending)
+        stream.stopper = None
+        if stream._grace_timer is not None:
+            stream._grace_timer.cancel()
+            stream._grace_timer = None
+        stream.ended.set()
+        if stream.id in self._streams and stream.id not in self._finished:
+            self._finished[stream.id] = stream
+            self._finished_bytes += stream.log.size
+            self._trim()
+
+    # --- readers ---
+
+    def get(self, stream_id: str, *, owner: str | None) -> LiveStream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.owner != owner:
+            if self.other_processes:
+                raise NotFound(f"no stream {stream_id!r} here: it is unknown, expired, or kept by another "
+                               "serve process — resuming across 'serve --workers' needs TOKENRELAY_REDIS_URL")
+            raise NotFound(f"no stream {stream_id!r}: unknown, or it expired (TOKENRELAY_STREAM_TTL)")
+        return stream
+
+    @contextlib.asynccontextmanager
+    async def reading(self, stream: LiveStream) -> AsyncIterator[None]:
+        """A reader is attached for the block: the answer is not given up meanwhile."""
+        self.attach(stream)
+        try:
+            yield
+        finally:
+            self.detach(stream)
+
+    def attach(self, stream: LiveStream) -> None:
+        stream.readers += 1
+        if stream._grace_timer is not None:
+            stream._grace_timer.cancel()
+            stream._grace_timer = None
+
+    def detach(self, stream: LiveStream) -> None:
+        stream.readers -= 1
+        if stream.readers > 0 or not stream.running:
+            return
+        if stream.grace <= 0:
+            self._stop(stream, "client_cancelled")
+        else:
+            stream._grace_timer = asyncio.get_running_loop().call_later(
+                stream.grace, self._give_up, stream)
+
+    def _give_up(self, stream: LiveStream) -> None:
+        stream._grace_timer = None
+        if stream.readers == 0 and stream.running:
+            log.info("%s: nobody read it for %g s; its upstream request is closed", stream.id, stream.grace)
+            self._stop(stream, "abandoned")
+
+    # --- stop ---
+
+    async def stop(self, stream: LiveStream, *, timeout: float = 1.0) -> bool:
+        """Stop a running answer; True once it has ended (its upstream request closed)."""
+        if stream.running:
+            self._stop(stream, "stopped")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await stream.ended.wait()
+        return stream.ended.is_set()
+
+    @staticmethod
+    def _stop(stream: LiveStream, reason: str) -> None:
+        if stream.stopper is not None and stream.stop_reason is None:
+            stream.stop_reason = reason
+            stream.stopper(reason)
+
+    # --- retention ---
+
+    def _trim(self) -> None:
+        while self._finished_bytes > self.memory_bytes and len(self._finished) > 1:
+            self._forget(next(iter(self._finished)))
+
+    def _forget(self, stream_id: str) -> None:
+        stream = self._finished.pop(stream_id, None)
+        if stream is not None:
+            self._finished_bytes -= stream.log.size
+            self._streams.pop(stream_id, None)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            cutoff = time.monotonic() - self.ttl
+            for stream_id, stream in list(self._finished.items()):
+                finished_at = stream.log.finished_at
+                if finished_at is None or finished_at > cutoff:
+                    break  # in order of finishing: the rest are younger
+                self._forget(stream_id)
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for stream in list(self._streams.values()):
+            self._stop(stream, "shutdown")

@@ -1,0 +1,127 @@
+"""``/api/streams/{id}``: come back for an answer, or stop it (docs/resume.md).
+
+    GET    /api/streams/{id}   Accept: text/event-stream  the events after ``Last-Event-ID: N``
+                                                          (or ``?after=N``; none: from the start),
+                                                          then live, then its ending
+                               Accept: text/plain         the text from byte ``?offset=N`` on,
+                                                          then live
+                               Accept: application/json   status, text so far, finish reason, usage
+    DELETE /api/streams/{id}                              stop the model; answers once it stopped
+
+The id is the one ``/api/get-response`` gave in ``X-Stream-Id`` (and SSE's ``start`` event).
+An unknown, expired or someone else's id is a 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..errors import TokenrelayError, ValidationFailed
+from ..logs import client_name, request_id
+from ..resume.log import Ending, StreamLog
+from ..resume.registry import LiveStream, Streams
+from ..schemas import describe_validation
+from ..state import app_state
+from ..streaming.response import StreamResponse, body_of
+from ..streaming.wire import WIRES, Wire
+from .endpoint import ASGIResponse, Endpoint
+
+
+class Cursor(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    after: int = Field(default=0, ge=0, description="Replay the events after this id.")
+    offset: int = Field(default=0, ge=0, description="Plain text: the answer from this byte on.")
+
+
+def _cursor(request: Request) -> Cursor:
+    query = dict(request.query_params)
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None and "after" not in query:
+        query["after"] = last_event_id.strip()
+    try:
+        return Cursor.model_validate(query)
+    except ValidationError as exc:
+        raise ValidationFailed(describe_validation(exc)) from None
+
+
+def _stream(request: Request) -> tuple[Streams, LiveStream]:
+    streams = app_state(request).streams
+    return streams, streams.get(request.path_params["stream_id"], owner=client_name.get())
+
+
+@Endpoint
+async def get_stream(request: Request) -> ASGIResponse:
+    streams, stream = _stream(request)
+    accept = request.headers.get("accept", "")
+    if "text/event-stream" in accept:
+        wire = WIRES["sse"]
+    elif "text/plain" in accept:
+        wire = WIRES["text"]
+    else:
+        return JSONResponse(status(stream), headers={"x-stream-id": stream.id, "cache-control": "no-store"})
+    cursor = _cursor(request)
+    settings = app_state(request).settings
+    headers = [(b"content-type", wire.content_type), (b"cache-control", b"no-cache, no-transform"),
+               (b"x-accel-buffering", b"no"), (b"x-request-id", request_id.get().encode()),
+               (b"x-stream-id", stream.id.encode())]
+    return StreamResponse(body_of(replay(streams, stream, wire, cursor)), headers=headers, ping=wire.ping,
+                          heartbeat=settings.heartbeat_interval, send_timeout=settings.send_timeout)
+
+
+async def replay(streams: Streams, stream: LiveStream, wire: Wire, cursor: Cursor) -> AsyncGenerator[bytes, None]:
+    """What the reader missed, then the rest as it comes, in ``wire``: encoded as the first
+    connection's was, so nothing differs but where it starts."""
+    async with streams.reading(stream):
+        if wire.name == "text":
+            async for piece in _text_from(stream.log, cursor.offset):
+                yield piece
+            return
+        yield wire.opening(stream.id, stream.model)
+        async for event in stream.log.follow(cursor.after):
+            if isinstance(event, Ending):
+                closing = wire.ending(event)
+                if closing:
+                    yield closing
+                return
+            yield wire.piece(*event)
+
+
+async def _text_from(log: StreamLog, offset: int) -> AsyncGenerator[bytes, None]:
+    """The text from byte ``offset``: what is there, then each piece as it comes. A stream
+    that failed or was stopped breaks off, as the first connection's did."""
+    there, last = log.text(offset), log.last_seq
+    if there:
+        yield there
+    async for event in log.follow(last):
+        if isinstance(event, Ending):
+            if event.kind != "done":
+                raise TokenrelayError(f"the answer {event.status}; its SSE events or JSON status say why")
+            return
+        yield event[1].encode()
+
+
+@Endpoint
+async def delete_stream(request: Request) -> JSONResponse:
+    streams, stream = _stream(request)
+    if not await streams.stop(stream):
+        # Not ended within the wait: say so, never "stopped" before it is.
+        return JSONResponse(status(stream), status_code=202, headers={"retry-after": "1"})
+    return JSONResponse(status(stream))
+
+
+def status(stream: LiveStream) -> dict[str, object]:
+    log = stream.log
+    ending = log.ending
+    return {
+        "id": stream.id,
+        "model": stream.model,
+        "status": ending.status if ending else "running",
+        "text": log.text().decode(),
+        "last_event_id": log.last_seq,
+        "ending": {"kind": ending.kind, **ending.data} if ending else None,
+    }
