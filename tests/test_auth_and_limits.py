@@ -389,8 +389,11 @@ def test_cors_allows_listed_origins_only(start_relay, sim_server: SimServer) -> 
 def test_cors_is_off_by_default(relay_server: RelayServer) -> None:
     response = preflight(relay_server, ALLOWED)
     assert "access-control-allow-origin" not in response.headers
+    # A page on another origin is refused outright, not only kept from reading the answer:
+    # a browser would send it anyway (docs/security.md).
     answer = post(relay_server, None, origin=ALLOWED)
-    assert answer.status_code == 200
+    assert answer.status_code == 403
+    assert answer.json()["error"]["type"] == "forbidden"
     assert "access-control-allow-origin" not in answer.headers
 
 
@@ -417,7 +420,7 @@ def test_a_mount_prefix_does_not_bypass_the_key_check() -> None:
 
     async def ask() -> httpx.Response:
         transport = httpx.ASGITransport(app=app, root_path="/chat")
-        async with httpx.AsyncClient(transport=transport, base_url="http://tokenrelay.test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.post("/chat/api/get-response", json=chat("hi"))
 
     response = asyncio.run(ask())

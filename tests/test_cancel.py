@@ -23,7 +23,7 @@ def open_request(relay: RelayServer, body: dict, *, accept: str = "text/plain",
     sock = socket.create_connection(("127.0.0.1", relay.port))
     extra = f"X-Resume-Grace: {grace:g}\r\n" if grace is not None else ""
     sock.sendall(
-        b"POST /api/get-response HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"POST /api/get-response HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Accept: {accept}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )

@@ -95,7 +95,7 @@ def test_a_client_that_leaves_before_its_request_arrived_is_a_499_not_an_error(o
                                                                               path: str) -> None:
     before = scrape(own_relay)
     with socket.create_connection(("127.0.0.1", own_relay.port)) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      "Content-Length: 1000\r\n\r\n{\"messages\": [".encode())
     wait_until(lambda: delta(before, scrape(own_relay), "tokenrelay_requests_total", route=path, status="499") == 1)
     log = own_relay.log()
@@ -107,7 +107,7 @@ def test_a_client_that_leaves_before_its_request_arrived_is_a_499_not_an_error(o
 def test_the_simulator_takes_a_client_leaving_mid_request_quietly(sim_server: SimServer, path: str) -> None:
     errors_before = sim_server.log().count("Exception in ASGI application")
     with socket.create_connection(("127.0.0.1", int(sim_server.url.rsplit(":", 1)[1]))) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      "x-api-key: k\r\nanthropic-version: 2023-06-01\r\nContent-Length: 1000\r\n\r\n{".encode())
     # The simulator handles events in order: once a later request is answered, the
     # departed one has been dealt with.

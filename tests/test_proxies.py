@@ -339,7 +339,7 @@ def idle_connection_lifetime(url: str, *, wait: float) -> float | None:
     """Seconds until the server closes an idle kept-alive connection; None: open after ``wait``."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: tokenrelay\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         response = b""
         while b"\r\n\r\n" not in response:
             response += sock.recv(65536)

@@ -46,7 +46,7 @@ def test_a_client_that_stops_reading_is_dropped(relay: RelayServer, sim_server: 
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", relay.port))
     try:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      f"Accept: {accept}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
         wait_until(lambda: relay.log().count("outcome=client_stalled") == stalled_before + 1, timeout=10)
         # The upstream request was closed, not left to run for nobody.

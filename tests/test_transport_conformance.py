@@ -702,7 +702,7 @@ def test_a_relay_on_aiohttp_stops_the_upstream_when_its_client_leaves(aiohttp_re
     cancelled = sim_server.stats()["cancelled_streams"]
     payload = orjson.dumps(chat(model="sim:ttft=0,tps=10,tokens=200"))
     with socket.create_connection(("127.0.0.1", aiohttp_relay.port)) as sock:
-        sock.sendall(b"POST /api/get-response HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/get-response HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"X-Resume-Grace: 0\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     left = time.monotonic()

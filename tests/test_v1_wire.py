@@ -98,7 +98,7 @@ def test_unknown_v1_path_in_openai_shape(relay_server: RelayServer) -> None:
 def open_v1(relay: RelayServer, body: dict) -> socket.socket:
     payload = orjson.dumps(body)
     sock = socket.create_connection(("127.0.0.1", relay.port))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
 

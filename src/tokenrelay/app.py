@@ -54,7 +54,9 @@ def create_app(settings: Settings) -> Starlette:
     state.jobs = None
     state.jobs_unavailable = None
     limiter = Limiter(per_minute=settings.requests_per_minute_per_key,
-                      concurrent=settings.max_concurrent_streams_per_key, redis_url=settings.redis_url)
+                      concurrent=settings.max_concurrent_streams_per_key, redis_url=settings.redis_url,
+                      timeout=settings.redis_timeout)
+    state.limiter = limiter
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -103,22 +103,41 @@ POST /api/jobs, GET|DELETE /api/jobs/{id}, GET /api/jobs/{id}/stream."""
               help=CONFIG_HELP)
 @_setting_option("log_level", "--log-level")
 @_setting_option("log_json", "--log-json", is_flag=True)
+@_setting_option("allow_public_without_keys", "--allow-public-without-keys", is_flag=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Server processes sharing the port (one event loop each); more than one uses more cores.")
 def serve(host: str | None, port: int | None, config: Path | None, log_level: str | None,
-          log_json: bool | None, workers: int) -> None:
+          log_json: bool | None, allow_public_without_keys: bool | None, workers: int) -> None:
     import uvicorn
 
     from .app import create_app
+    from .auth import load_keys
+    from .serving import ConnectionLimits, default_max_connections, raise_fd_limit, uvicorn_options
 
-    settings = _settings(config, host=host, port=port, log_level=log_level, log_json=log_json)
+    settings = _settings(config, host=host, port=port, log_level=log_level, log_json=log_json,
+                         allow_public_without_keys=allow_public_without_keys)
+    if not is_local_address(settings.host) and not settings.allow_public_without_keys and not load_keys(settings):
+        raise click.ClickException(
+            f"refusing to listen on {settings.host} without client keys: anyone who can reach it could use "
+            "the upstream (and its API key) at your expense. Set TOKENRELAY_API_KEYS (or "
+            "TOKENRELAY_API_KEYS_FILE), listen on 127.0.0.1, or pass --allow-public-without-keys "
+            "(TOKENRELAY_ALLOW_PUBLIC_WITHOUT_KEYS=true) if that is what you mean.")
     setup_logging(settings.log_level, json=settings.log_json)
     label = f" in {workers} processes" if workers > 1 else ""
     from .upstreams import upstream_summary
 
     answers = f"{'routes' if settings.routes else 'upstream'}: {upstream_summary(settings)}"
     _check_port(settings.host, settings.port)
-    click.echo(f"tokenrelay on http://{settings.host}:{settings.port}/{label}  ({answers})", err=True)
+    click.echo(f"tokenrelay on http://{url_host(settings.host)}:{settings.port}/{label}  ({answers})", err=True)
+    fd_limit = raise_fd_limit()  # before the workers start: they inherit it
+    limits = ConnectionLimits(
+        header_timeout=settings.header_timeout, body_timeout=settings.body_timeout,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_connections or default_max_connections(fd_limit),
+    )
+    fast = fast_server()
+    # The parser fast_server() picks, wrapped in the connection limits (serving.py).
+    guarded = uvicorn_options(limits, fast.pop("http"), keepalive_timeout=settings.keepalive_timeout)
     limited = settings.max_concurrent_streams_per_key or settings.requests_per_minute_per_key
     if workers > 1 and limited and not settings.redis_url:
         click.echo(f"warning: each of the {workers} processes counts the per-key limits on its own; "
@@ -136,14 +155,32 @@ def serve(host: str | None, port: int | None, config: Path | None, log_level: st
         os.environ[SERVE_PROCESSES_ENV] = str(workers)  # jobs in SQLite need one process
         with _shared_metrics():
             uvicorn.run("tokenrelay.app:app_from_env", factory=True, workers=workers, host=settings.host,
-                        port=settings.port, log_config=None, timeout_graceful_shutdown=5,
-                        timeout_keep_alive=settings.keepalive_timeout, **fast_server())
+                        port=settings.port, log_config=None, timeout_graceful_shutdown=5, **fast, **guarded)
         return
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=5, timeout_keep_alive=settings.keepalive_timeout, **fast_server(),
+        timeout_graceful_shutdown=5, **fast, **guarded,
     ))
     server.run()
+
+
+def is_local_address(host: str) -> bool:
+    """Whether listening on ``host`` keeps the service on this machine: a loopback address
+    or ``localhost``. Anything else (0.0.0.0, ::, a LAN or public address) is reachable from
+    the network."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL: an IPv6 address in brackets (``http://[::]:8000/``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @contextlib.contextmanager

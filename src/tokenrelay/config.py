@@ -162,6 +162,38 @@ class Settings(BaseSettings):
         description="Seconds an idle client connection stays open. Behind a load balancer that reuses "
                     "connections (AWS ALB: 60 s), make it longer than the balancer's idle timeout (docs/deploy.md).",
     )
+    header_timeout: float = Field(
+        default=10.0, gt=0,
+        description="Seconds a client has to send a request's head (the request line and headers), counted "
+                    "from the connection's first byte or from the end of the previous response; a new "
+                    "connection that sends nothing is closed after this long too. Then 408 and close.",
+    )
+    body_timeout: float = Field(
+        default=30.0, gt=0,
+        description="Seconds a client has to send a whole request body once its headers arrived; then "
+                    "408 and close.",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024,
+        description="Largest request head (request line and headers) accepted, in bytes; larger: 431 and close.",
+    )
+    max_connections: int = Field(
+        default=0, ge=0,
+        description="Client connections (or requests) one process serves at once; more get a JSON 503 and "
+                    "are closed. 0: half of the process's open-file limit (raised to its hard limit at "
+                    "start-up), less 64 files of headroom: a stream needs a client and an upstream socket.",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the service answers to (the Host header), comma-separated; '*': any; a "
+                    "leading '.' allows subdomains. Empty: the address it listens on and localhost, or any "
+                    "host when it listens on every address (0.0.0.0, ::). Refuses DNS rebinding.",
+    )
+    allow_public_without_keys: bool = Field(
+        default=False,
+        description="Let 'serve' listen on a public address without client keys, offering the upstream "
+                    "(and its paid key) to anyone who can reach it. Without this it refuses to start.",
+    )
 
     # --- model routing and retries ---
     routes: list[UpstreamRoute] = Field(
@@ -240,8 +272,10 @@ class Settings(BaseSettings):
                     "queue (run by 'tokenrelay worker') and the per-key limits.",
     )
     redis_timeout: float = Field(
-        default=3.0, gt=0, description="Seconds one call to Redis may take before it counts as failed (the jobs' "
-        "API then answers 503 with Retry-After; a worker waits for Redis with a backoff).",
+        default=2.0, gt=0,
+        description="Seconds one Redis command may take before it counts as failed: a per-key limit then "
+                    "lets the request through (docs/auth-and-limits.md), the jobs' API answers 503 with "
+                    "Retry-After and a worker waits for Redis with a backoff (docs/jobs.md).",
     )
     job_concurrency: int = Field(default=16, gt=0, description="Jobs one process runs at once.")
     job_retention: int = Field(
@@ -284,7 +318,13 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Origins that browsers may call the API from, comma-separated ('*': any). Empty: CORS off.",
+        description="Origins that browsers may call the API from, comma-separated ('*': any). Empty: CORS off, "
+                    "and requests that browsers mark as coming from another site are refused (403).",
+    )
+    failed_keys_per_minute: int = Field(
+        default=30, ge=0,
+        description="Requests with a missing or wrong client key one client address may make per minute; "
+                    "more get 429 (0: no limit).",
     )
 
     # --- logs ---
@@ -400,6 +440,16 @@ class Settings(BaseSettings):
             if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
                 raise ValueError(f"{origin!r} is not an origin such as https://app.example.com (or '*')")
         return origins
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _check_hosts(cls, value: Any) -> list[str]:
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        hosts = [str(item).strip().lower() for item in items if str(item).strip()]
+        for host in hosts:
+            if host != "*" and not re.fullmatch(r"\.?[a-z0-9_.:\[\]-]+", host):
+                raise ValueError(f"{host!r} is not a host name such as chat.example.com (or '*')")
+        return hosts
 
     @field_validator("log_level")
     @classmethod

@@ -5,11 +5,15 @@
     │   ├── MalformedJSON           400 invalid_json
     │   ├── UnsupportedMediaType    415 unsupported_media_type
     │   ├── PayloadTooLarge         413 payload_too_large
-    │   └── ValidationFailed        422 validation_error
+    │   ├── ValidationFailed        422 validation_error
+    │   ├── RequestTimeout          408 request_timeout       (headers or body too slow)
+    │   └── HeadersTooLarge         431 request_header_too_large
+    ├── Forbidden                   403 forbidden             (another site, or an unknown Host)
     ├── NotFound                    404 not_found
     │   └── ModelNotFound           404 model_not_found    (no route serves the model)
     ├── Conflict                    409 conflict
     ├── ServiceUnavailable          503 unavailable
+    │   └── Overloaded              503 overloaded            (too many connections at once)
     ├── Unauthorized                401 unauthorized          (no or wrong client key)
     ├── RateLimited                 429 rate_limited          (tokenrelay's own per-key limits)
     └── UpstreamError               502 upstream_error
@@ -72,6 +76,21 @@ class ValidationFailed(BadRequest):
     type = "validation_error"
 
 
+class RequestTimeout(BadRequest):
+    status = 408
+    type = "request_timeout"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+    type = "request_header_too_large"
+
+
+class Forbidden(TokenrelayError):
+    status = 403
+    type = "forbidden"
+
+
 class NotFound(TokenrelayError):
     status = 404
     type = "not_found"
@@ -85,6 +104,12 @@ class Conflict(TokenrelayError):
 class ServiceUnavailable(TokenrelayError):
     status = 503
     type = "unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    type = "overloaded"
+
+
 class Unauthorized(TokenrelayError):
     """The request carries no client key, or one tokenrelay does not know."""
 

@@ -38,6 +38,26 @@ class _AbortFilter(logging.Filter):
         return type(exc).__name__ != "StreamAborted"
 
 
+# Control characters (and Unicode's line breaks) in a text log line, as escapes, but for
+# LF, which becomes LF and an indent: a record's first line starts with its time, so a CR or
+# LF in a model name or a header cannot start a line that reads as a record of its own,
+# while a multi-line message (uvicorn logs tracebacks as messages) stays readable.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c not in (0x09, 0x0A)} | {
+    c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)} | {0x0A: "\n    "}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_ESCAPES)
+
+
+class _TextFormatter(logging.Formatter):
+    """The record's line with control characters escaped (the traceback, appended after
+    this by ``format``, is the formatter's own)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -74,7 +94,7 @@ def setup_logging(level: str = "info", *, json: bool = False) -> None:
         handler.setFormatter(_JSONFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]%(client_tag)s %(message)s")
+            _TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]%(client_tag)s %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

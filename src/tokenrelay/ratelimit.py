@@ -13,12 +13,16 @@ renews the leases of its own slots every ``SLOT_LEASE / 3`` seconds; if it dies,
 lapse after ``SLOT_LEASE`` instead of blocking the client forever.
 
 Redis trouble does not take the API down: a limit that cannot be checked lets the request
-through, and says so in the log (at most every 30 s). See docs/auth-and-limits.md.
+through, and says so in the log (at most every 30 s). A hung Redis is trouble too: every
+command has a deadline (``TOKENRELAY_REDIS_TIMEOUT``), and after a failure the limits are
+not asked of Redis for ``DEGRADED_FOR`` seconds, so a stopped Redis costs one request the
+deadline, not every request. ``status()`` says so for ``/readyz``. See docs/auth-and-limits.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -46,6 +50,8 @@ REDIS_SLOTS_PREFIX = "tokenrelay:slots:"
 
 SLOT_LEASE = 60.0
 """Seconds a slot outlives a process that died holding it."""
+DEGRADED_FOR = 5.0
+"""Seconds the limits are let through without asking Redis after it failed or timed out."""
 BUSY_RETRY_AFTER = 1
 """``Retry-After`` for a client at its limit of open requests: nobody knows when one ends."""
 SLOT_GRACE = 0.5
@@ -185,9 +191,10 @@ async def _nothing() -> None:
 class Limiter:
     """Both limits for one process; ``admit`` is called once per API request."""
 
-    def __init__(self, *, per_minute: int, concurrent: int, redis_url: str | None) -> None:
+    def __init__(self, *, per_minute: int, concurrent: int, redis_url: str | None, timeout: float = 2.0) -> None:
         self.per_minute = per_minute
         self.concurrent = concurrent
+        self.timeout = timeout
         if not (per_minute or concurrent):
             redis_url = None  # nothing to count
         self.shared = redis_url is not None
@@ -195,7 +202,10 @@ class Limiter:
         self._client: Any = None
         storage: Storage
         if redis_url is not None:
-            self._client = redis.asyncio.Redis.from_url(redis_url)
+            # Socket timeouts bound each command on a Redis that accepts connections but never
+            # answers (stopped, swapping, a network black hole); admit() bounds the sum.
+            self._client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=timeout,
+                                                        socket_connect_timeout=timeout)
             storage = RedisStorage(
                 "async+" + redis_url,
                 implementation="redispy",
@@ -209,6 +219,9 @@ class Limiter:
             self._slots = _MemorySlots()
         self._window = MovingWindowRateLimiter(storage)
         self._warned = 0.0
+        self._down_until = 0.0
+        self._last_error: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -228,22 +241,35 @@ class Limiter:
 
         Returns the function that gives back its slot (call it once, when the response has
         ended). ``subject`` names ``who`` in the error message, e.g. "this key"."""
+        if self.shared and time.monotonic() < self._down_until:
+            return _nothing  # Redis failed a moment ago: do not make this request wait for it too
+        slot: str | None = None
         try:
-            if self._rate is not None and not await self._window.hit(self._rate, who):
-                stats = await self._window.get_window_stats(self._rate, who)
-                wait = max(1, math.ceil(stats.reset_time - time.time()))
-                raise RateLimited(
-                    f"too many requests for {subject}: at most {self.per_minute} per minute; retry in {wait} s",
-                    headers={"retry-after": str(wait)},
-                )
-            if not self.concurrent:
-                return _nothing
-            slot = await self._slots.acquire(who, self.concurrent)
-            if slot is None:
-                slot = await self._slots.wait_for(who, self.concurrent, SLOT_GRACE)
+            # One deadline for every command of this request (and the wait for a slot), so a
+            # hung Redis delays a request by at most this long before it is let through.
+            with anyio.fail_after(self.timeout + SLOT_GRACE if self.shared else None):
+                if self._rate is not None and not await self._window.hit(self._rate, who):
+                    stats = await self._window.get_window_stats(self._rate, who)
+                    wait = max(1, math.ceil(stats.reset_time - time.time()))
+                    raise RateLimited(
+                        f"too many requests for {subject}: at most {self.per_minute} per minute; retry in {wait} s",
+                        headers={"retry-after": str(wait)},
+                    )
+                if not self.concurrent:
+                    self._storage_ok()
+                    return _nothing
+                slot = await self._slots.acquire(who, self.concurrent)
+                if slot is None:
+                    slot = await self._slots.wait_for(who, self.concurrent, SLOT_GRACE)
+        except TimeoutError:
+            self._storage_failed(TimeoutError(f"no answer within {self.timeout:g} s"))
+            if slot is not None:  # taken just before the deadline: give it back in the background
+                self._release_later(who, slot)
+            return _nothing
         except _STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             return _nothing
+        self._storage_ok()
         if slot is None:
             raise RateLimited(
                 f"too many requests open at once for {subject}: at most {self.concurrent}; "
@@ -262,7 +288,7 @@ class Limiter:
         async def release() -> None:
             # Shielded: a cancelled request (a client gone, a server shutting down) still
             # gives its slot back; bounded, so a dead Redis cannot hold the request open.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
                 try:
                     await self._slots.release(who, slot)
                 except _STORAGE_ERRORS as exc:
@@ -270,11 +296,53 @@ class Limiter:
 
         return release
 
+    def _release_later(self, who: str, slot: str) -> None:
+        async def release() -> None:
+            with contextlib.suppress(*_STORAGE_ERRORS), anyio.move_on_after(self.timeout):
+                await self._slots.release(who, slot)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _storage_ok(self) -> None:
+        if self._last_error is not None:
+            log.warning("limits enforced again: Redis answers")
+            self._last_error = None
+
     def _storage_failed(self, exc: BaseException) -> None:
         now = time.monotonic()
+        self._down_until = now + DEGRADED_FOR
+        self._last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if now - self._warned > 30:
             self._warned = now
             log.warning("limits not enforced: Redis failed (%s); requests are let through", exc)
+
+    def status(self) -> dict[str, Any]:
+        """For ``/readyz``: what is counted where, and whether it is enforced right now.
+
+        "degraded" is not "not ready": requests are served, only not limited."""
+        if not self.enabled:
+            return {"status": "off"}
+        body: dict[str, Any] = {"status": "ok", "store": "redis" if self.shared else "memory",
+                                "limits": self.describe()}
+        if self._last_error is not None:
+            body.update(status="degraded", reason=f"limits not enforced: Redis failed ({self._last_error}); "
+                                                  "requests are let through")
+        return body
+
+    async def check(self) -> dict[str, Any]:
+        """``status()`` after asking Redis (a PING within the timeout) unless it failed a moment ago."""
+        if self.shared and time.monotonic() >= self._down_until:
+            try:
+                with anyio.fail_after(self.timeout):
+                    await self._client.ping()
+                self._storage_ok()
+            except TimeoutError:
+                self._storage_failed(TimeoutError(f"no answer within {self.timeout:g} s"))
+            except _STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+        return self.status()
 
     async def aclose(self) -> None:
         await self._slots.aclose()

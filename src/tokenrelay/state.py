@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .jobs.backend import JobBackend
     from .metrics import Metrics
     from .resume.registry import Streams
+    from .ratelimit import Limiter
     from .routes.health import Readiness
     from .routing import ModelRouter, Router
 
@@ -28,6 +29,8 @@ class AppState(State):
     keys: KeyRing
     metrics: Metrics
     readiness: Readiness
+    limiter: Limiter
+    """The per-key limits; ``/readyz`` reports whether they are enforced."""
     router: Router
     """The routes from model names to upstreams (built in the lifespan)."""
     provider: ModelRouter

@@ -10,6 +10,10 @@ the status.
 
 The answer is cached for a few seconds, so a load balancer polling every second from several
 places costs each model API one request per few seconds, and only one check runs at a time.
+
+``limits`` says whether the per-key limits are enforced: ``off``, ``ok``, or ``degraded``
+with the reason when their Redis fails or hangs (requests are then let through, so the
+service stays ready).
 """
 
 from __future__ import annotations
@@ -121,8 +125,11 @@ async def readyz(request: Request) -> JSONResponse:
     state = app_state(request)
     settings = state.settings
     checks = await state.readiness.cached(lambda: check_upstreams(state.router.upstreams, settings))
+    # Limits that cannot be checked are "degraded", not "not ready": requests are still
+    # served (fail open), so a load balancer must not take the instance out for it.
     body: dict[str, Any] = {"status": "ready", "upstream": upstream_summary(settings),
-                            "upstreams": [check.to_dict() for check in checks], "jobs": jobs_status(state)}
+                            "upstreams": [check.to_dict() for check in checks], "jobs": jobs_status(state),
+                            "limits": await state.limiter.check()}
     reason = _reason(checks)
     if reason is None:
         return JSONResponse(body)

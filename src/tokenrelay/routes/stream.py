@@ -42,6 +42,11 @@ async def get_response(request: Request) -> StreamResponse:
         raise ValidationFailed("model: required, since no default model is set (TOKENRELAY_MODEL)")
     state.router.resolve(model)  # an unknown model is a 404 before anything starts
     mode = pick_mode(request, chat)
+    if mode == "text" and chat.tools:
+        # Plain text carries only the answer's text: an answer that is a tool call would be
+        # a 200 with nothing in it.
+        raise ValidationFailed("tools: plain text cannot carry a tool call; ask for SSE "
+                               "('Accept: text/event-stream') or use /v1/chat/completions")
     provider = state.provider
     if mode == "json":  # one answer at the end: nothing to resume, leaving stops it
         record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model, mode=mode,

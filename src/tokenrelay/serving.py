@@ -1,0 +1,285 @@
+"""Connection-level limits for ``tokenrelay serve``, enforced before any request reaches the app.
+
+uvicorn bounds an idle kept-alive connection (``timeout_keep_alive``) and, with h11, the size
+of an unfinished request head (``h11_max_incomplete_event_size``), but nothing else: a
+connection that never sends a byte, a head sent one byte a minute, a 100 MB header on
+httptools (which has no size limit) or a body that never ends are all held forever, each
+holding a file descriptor and memory, before the key check can run. ``GuardedHttp`` adds
+those limits to uvicorn's own protocol classes (httptools or h11), as nginx's
+``client_header_timeout``, ``client_body_timeout`` and ``large_client_header_buffers`` do:
+
+- a request head must arrive within ``header_timeout`` of the connection's (or, on a
+  kept-alive connection, the next request's) first byte, and be at most ``max_header_bytes``;
+  else 408 or 431 and the connection is closed;
+- a request body must arrive within ``body_timeout`` of its head; else 408 and close;
+- at most ``max_connections`` connections or requests at once; more get a JSON 503 and close
+  (uvicorn's ``limit_concurrency`` check, answering in tokenrelay's error shape).
+
+uvicorn calls ``config.http_protocol_class(config=…, server_state=…, app_state=…)``; an
+instance of the frozen ``GuardedHttp`` is such a callable, and pickles for ``--workers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .errors import HeadersTooLarge, Overloaded, RequestTimeout, TokenrelayError
+
+log = logging.getLogger("tokenrelay.server")
+
+FD_HEADROOM = 64
+"""Files a process needs besides its client connections: logs, SQLite, Redis, listeners."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_timeout: float
+    body_timeout: float
+    max_header_bytes: int
+    max_connections: int
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (allowed without privileges);
+    the soft limit in force afterwards. Many systems start processes at 1024 (or 256), far
+    fewer than the streams a process can hold."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # e.g. macOS caps it below RLIM_INFINITY
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
+
+
+def default_max_connections(fd_limit: int) -> int:
+    """Half the open files, less headroom: a stream holds a client and an upstream socket."""
+    return max(16, (fd_limit - FD_HEADROOM) // 2)
+
+
+def _raw_response(exc: TokenrelayError) -> bytes:
+    body = exc.body()
+    reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}.get(exc.status, b"Error")
+    return b"".join([
+        b"HTTP/1.1 %d %s\r\n" % (exc.status, reason),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+        body,
+    ])
+
+
+class _Guard:
+    """The limits, mixed into a uvicorn protocol class (``_H11`` / ``_HttpTools``)."""
+
+    # Provided by the uvicorn protocol this is mixed into.
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    cycle: Any
+    app: Any
+    connections: set[Any]
+    tasks: set[Any]
+    limit_concurrency: int | None
+    client: tuple[str, int] | None
+
+    def _guard(self, limits: ConnectionLimits) -> None:
+        self._limits = limits
+        self._head_bytes = 0
+        self._got_bytes = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._phase: Literal["head", "body"] | None = None
+        self.limit_concurrency = None  # checked by _admit instead, to answer in JSON
+        if limits.max_connections:
+            self.app = self._admit(self.app, limits.max_connections)
+
+    def _admit(self, app: Any, limit: int) -> Any:
+        connections, tasks = self.connections, self.tasks
+
+        async def admit(scope: Any, receive: Any, send: Any) -> None:
+            # The request's own connection and task are counted already: more than the limit.
+            if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
+                log.warning("refused a request: %d connections open, at most %d (TOKENRELAY_MAX_CONNECTIONS)",
+                            len(connections), limit)
+                exc = Overloaded(f"the server is at its limit of {limit} connections; retry shortly",
+                                 headers={"retry-after": "1", "connection": "close"})
+                await send({"type": "http.response.start", "status": exc.status,
+                            "headers": [(b"content-type", b"application/json"),
+                                        *((k.encode(), v.encode()) for k, v in exc.headers.items())]})
+                await send({"type": "http.response.body", "body": exc.body()})
+                return
+            await app(scope, receive, send)
+
+        return admit
+
+    # -- what the mixed-in parser says about the current request
+    def _head_pending(self) -> bool:
+        raise NotImplementedError
+
+    def _body_pending(self) -> bool:
+        cycle = self.cycle
+        return bool(cycle is not None and cycle.more_body and not cycle.response_complete
+                    and not cycle.disconnected)
+
+    def _busy(self) -> bool:
+        cycle = self.cycle
+        return bool(cycle is not None and not cycle.response_complete)
+
+    # -- timers
+    def _arm(self, phase: Literal["head", "body"], seconds: float) -> None:
+        self._disarm()
+        self._phase = phase
+        self._timer = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._phase = None
+
+    def _expired(self) -> None:
+        phase, self._timer, self._phase = self._phase, None, None
+        if self.transport.is_closing():
+            return
+        if phase == "head":
+            if self._busy():  # the previous response still streams: its head is not late yet
+                self._arm("head", self._limits.header_timeout)
+                return
+            if not self._got_bytes:  # an idle connection (a browser's preconnect): just close it
+                self.transport.close()
+                return
+            self._refuse(RequestTimeout(f"the request head did not arrive within {self._limits.header_timeout:g} s"))
+        else:
+            self._refuse(RequestTimeout(f"the request body did not arrive within {self._limits.body_timeout:g} s"))
+
+    def _refuse(self, exc: TokenrelayError) -> None:
+        client = "%s:%d" % self.client if self.client else "?"
+        log.info("closed the connection from %s: %s %s", client, exc.status, exc.message)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:  # too late for a status: the close says it
+                self.transport.close()
+                return
+            # The app's receive() now says the client left; its own response is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.write(_raw_response(exc))
+        self.transport.close()
+
+    # -- hooks, called from the protocol's own methods
+    def _on_connect(self) -> None:
+        self._arm("head", self._limits.header_timeout)
+
+    def _before_data(self, data: bytes) -> None:
+        self._got_bytes = self._got_bytes or bool(data)
+        if self._phase is None and self._head_pending():  # the first byte of a kept-alive request
+            self._head_bytes = 0
+            self._arm("head", self._limits.header_timeout)
+
+    def _after_data(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            self._disarm()
+            return
+        if self._head_pending():
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_header_bytes:
+                self._refuse(HeadersTooLarge(
+                    f"the request head is larger than {self._limits.max_header_bytes} bytes"))
+            return
+        self._head_bytes = 0
+        if self._body_pending():
+            if self._phase != "body":
+                self._arm("body", self._limits.body_timeout)
+        else:
+            self._disarm()
+
+
+class _H11(_Guard, H11Protocol):
+    def __init__(self, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._guard(limits)
+
+    def _head_pending(self) -> bool:
+        return bool(self.conn.their_state is h11.IDLE)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._on_connect()
+
+    def data_received(self, data: bytes) -> None:
+        self._before_data(data)
+        super().data_received(data)
+        self._after_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+@functools.cache
+def _httptools_class() -> type[Any]:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class _HttpTools(_Guard, HttpToolsProtocol):
+        def __init__(self, limits: ConnectionLimits, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._in_head = True
+            self._guard(limits)
+
+        def _head_pending(self) -> bool:
+            return self._in_head
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._on_connect()
+
+        def data_received(self, data: bytes) -> None:
+            self._before_data(data)
+            super().data_received(data)
+            self._after_data(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return _HttpTools
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedHttp:
+    """uvicorn's ``http`` option: makes one guarded protocol per connection."""
+
+    limits: ConnectionLimits
+    parser: Literal["httptools", "h11"]
+
+    def __call__(self, **kwargs: Any) -> asyncio.Protocol:
+        cls = _httptools_class() if self.parser == "httptools" else _H11
+        protocol: asyncio.Protocol = cls(self.limits, **kwargs)
+        return protocol
+
+
+def uvicorn_options(limits: ConnectionLimits, parser: Literal["httptools", "h11"], *,
+                    keepalive_timeout: int) -> dict[str, Any]:
+    """The keyword arguments for ``uvicorn.Config`` / ``uvicorn.run`` that apply the limits."""
+    return {
+        "http": GuardedHttp(limits, parser),
+        "h11_max_incomplete_event_size": limits.max_header_bytes,
+        "timeout_keep_alive": keepalive_timeout,
+    }
