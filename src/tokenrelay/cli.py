@@ -265,6 +265,8 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
       sim:fault=error-mid          error-before | error-mid | stall | malformed | http-NNN
       sim:fault=stall,stall=5,at=3 go silent 5 s after 3 tokens
       sim:tools (or tools=2)       stream a tool call (also when the request has tools)
+    Bounds per request: ttft 0–60 s, tps 0–1,000,000, stall 0–600 s, tokens 0–50,000,
+    at 0–50,000, tools 0–16, seed 0–4,294,967,295; outside them the request is refused.
     GET /sim/stats counts open, completed and client-cancelled streams.
     """
     import uvicorn

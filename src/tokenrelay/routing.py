@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import glob
 import logging
 import os
 import random
@@ -44,9 +45,11 @@ class Upstream:
     provider: Provider
     listed: list[str] = field(default_factory=list)
     fallback: Upstream | None = None
+    also: tuple[str, ...] = ()
+    """More patterns it serves (the built-in simulator: ``sim:*`` and the default model)."""
 
     def matches(self, model: str) -> bool:
-        return fnmatch.fnmatchcase(model, self.pattern)
+        return fnmatch.fnmatchcase(model, self.pattern) or any(fnmatch.fnmatchcase(model, p) for p in self.also)
 
 
 @dataclass
@@ -81,7 +84,10 @@ class Router:
 
     def _default(self, settings: Settings) -> Upstream:
         if settings.upstream_url is None:
-            return Upstream("simulator", "simulator", "*", _simulator(settings), list(SIM_MODELS))
+            # The simulator serves its own names only: a client asking for gpt-4o learns that
+            # no model API is configured, instead of getting a simulated answer as gpt-4o's.
+            also = ("sim:*", *([glob.escape(settings.model)] if settings.model else []))
+            return Upstream("simulator", "simulator", "sim", _simulator(settings), list(SIM_MODELS), also=also)
         key = settings.upstream_key.get_secret_value() if settings.upstream_key else None
         provider = OpenAICompatible(base_url=settings.upstream_url, api_key=key, client=make_client(settings),
                                     label=settings.upstream_label)
@@ -109,7 +115,9 @@ class Router:
         for upstream in self.upstreams:
             if upstream.matches(model):
                 return upstream
-        raise ModelNotFound(f"The model {model!r} does not exist or no upstream serves it (see GET /v1/models).")
+        served = [p for u in self.upstreams for p in (*u.listed, u.pattern, *u.also)]
+        raise ModelNotFound(f"The model {model!r} does not exist or no upstream serves it; "
+                            f"models served: {', '.join(dict.fromkeys(served))} (see GET /v1/models).")
 
     async def models(self) -> list[tuple[str, str]]:
         """(model, upstream name) for every model a request can name."""

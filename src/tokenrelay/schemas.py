@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MalformedJSON, ValidationFailed
 
@@ -22,6 +22,91 @@ class Message(BaseModel):
     content: str = Field(strict=True)
 
 
+class _Open(BaseModel):
+    """A part of OpenAI's request body that tokenrelay reads or translates. Unknown fields
+    are allowed — the body goes on untouched to OpenAI-compatible upstreams — but a field
+    tokenrelay uses must have the type it is used as (strict: no ``"5"`` for 5)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+
+class ContentPart(_Open):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a 'text' part needs a string 'text'")
+        return self
+
+
+class FunctionCall(_Open):
+    name: str
+    arguments: str
+    """JSON, as the model wrote it (not checked: a model may write broken JSON)."""
+
+
+class ToolCall(_Open):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class OpenAIMessage(_Open):
+    role: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class FunctionParameters(_Open):
+    """A JSON Schema; only ``properties`` is read (the simulator makes arguments from it)."""
+
+    properties: dict[str, Any] | None = None
+
+
+class FunctionDefinition(_Open):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: FunctionParameters | None = None
+
+
+class Tool(_Open):
+    type: str = "function"
+    function: FunctionDefinition | None = None
+
+
+class FunctionName(_Open):
+    name: str
+
+
+class NamedToolChoice(_Open):
+    type: str = "function"
+    function: FunctionName | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+class OpenAIChatBody(_Open):
+    """The ``/v1/chat/completions`` body, as far as tokenrelay reads or translates it."""
+
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -32,6 +117,17 @@ class ChatRequest(BaseModel):
     stream: bool = Field(default=True, strict=True)
     tools: list[dict[str, Any]] | None = None
     """OpenAI-style tool definitions (``{"type":"function","function":{…}}``), passed on."""
+
+    @field_validator("tools")
+    @classmethod
+    def _tools_are_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        # Checked as OpenAI's shape but kept as sent, so they reach the upstream unchanged.
+        for i, tool in enumerate(tools or ()):
+            try:
+                Tool.model_validate(tool)
+            except ValidationError as exc:
+                raise ValueError(f"tool {i}: {describe_validation(exc)}") from None
+        return tools
 
 
 def parse_model(model: type[M], raw: bytes) -> M:
@@ -53,21 +149,31 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def describe_validation(exc: ValidationError) -> str:
+def describe_validation(exc: ValidationError, *, limit: int = 5) -> str:
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:limit]:
         where = ".".join(str(p) for p in err["loc"]) or "body"
         parts.append(f"{where}: {err['msg']}")
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
     return "; ".join(parts)
+
+
+def parse_openai_body(body: dict[str, Any]) -> OpenAIChatBody:
+    """A ``/v1/chat/completions`` body checked; pydantic's ``ValidationError`` if it is not one."""
+    return OpenAIChatBody.model_validate(body)
 
 
 def chat_from_openai(body: dict[str, Any]) -> ChatRequest:
     """A ``ChatRequest`` from an OpenAI chat completions body, for upstreams that do not speak
     OpenAI (the simulator). Lenient: content parts are joined, tool messages become text."""
+    try:
+        parse_openai_body(body)
+    except ValidationError as exc:
+        raise ValidationFailed(describe_validation(exc)) from None
     messages = []
-    for m in body.get("messages") or ():
-        if not isinstance(m, dict):
-            raise ValidationFailed("messages: each message must be an object")
+    for m in body["messages"]:
         role = m.get("role")
         content = message_text(m.get("content"))
         if role == "tool" or role == "developer" or role == "function":

@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Mapping
 
 import aiohttp
+from aiohttp import http_exceptions
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
@@ -36,6 +37,9 @@ from .transport import (
     RequestUnanswered,
     ConnectTimeout,
     Decoder,
+    HeadTooLarge,
+    MAX_RESPONSE_FIELD,
+    MAX_RESPONSE_HEADERS,
     check_header,
     decoder_for,
     join_header,
@@ -66,7 +70,11 @@ class AiohttpTransport:
                 # bounded above the transport, alike for both transports.
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout),
                 # Ask for no encoding unless the caller does, as the fast path sends it.
-                skip_auto_headers=("Accept-Encoding",))
+                skip_auto_headers=("Accept-Encoding",),
+                # aiohttp bounds a head by lines and their length, not bytes: the same order
+                # of bound as the fast path's MAX_RESPONSE_HEAD (its default allows 32,768 lines).
+                max_headers=MAX_RESPONSE_HEADERS, max_field_size=MAX_RESPONSE_FIELD,
+                max_line_size=MAX_RESPONSE_FIELD)
         return self._session
 
     async def request(self, method: str, url: URL, headers: Mapping[str, str], body: bytes | None) -> AiohttpExchange:
@@ -90,6 +98,10 @@ class AiohttpTransport:
         except aiohttp.ServerDisconnectedError:
             raise RequestUnanswered("the upstream closed the connection") from None
         except aiohttp.ClientResponseError as exc:  # what aiohttp's parser could not read
+            if _head_too_large(exc):
+                raise HeadTooLarge(f"the upstream's response headers are larger than tokenrelay reads "
+                                   f"({MAX_RESPONSE_HEADERS} lines of {MAX_RESPONSE_FIELD} bytes): {exc.message}"
+                                   ) from None
             raise BadResponse(f"not an HTTP/1.1 response: {exc.message}") from None
         except aiohttp.ClientError as exc:
             raise ConnectionLost(str(exc) or type(exc).__name__) from None
@@ -99,6 +111,17 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _head_too_large(exc: BaseException) -> bool:
+    """Whether aiohttp refused a response for one of the head's bounds (the parser's own
+    exception is the cause of the one the client raises)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, http_exceptions.LineTooLong) or "Too many headers" in str(seen):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _env_proxy(url: URL) -> URL | None:

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from yarl import URL
 
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
-from ..schemas import ChatRequest, message_text
+from ..schemas import ChatRequest, describe_validation, message_text, parse_openai_body
 from .sse_decoder import SSEDecoder
 from .base import Delta, OpenAIRequest, ToolCallDelta, Usage, event_object
 from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse
@@ -94,7 +95,12 @@ async def message_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
     events = EventMapper()
     async for chunk in chunks:
         for event in decoder.feed(chunk):
-            delta = events.map(event.data)
+            try:
+                delta = events.map(event.data)
+            except (AttributeError, LookupError, TypeError, ValueError):
+                # JSON, but not an event's shape (a string for an object, text that is a number)
+                raise UpstreamProtocolError(f"upstream sent an event that is not a Messages event: "
+                                            f"{event.data[:80]!r}") from None
             if delta is not None:
                 yield delta
             if events.stopped:
@@ -118,7 +124,10 @@ class EventMapper:
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
-                return Delta(text=str(delta.get("text") or "")) if delta.get("text") else None
+                text = delta.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise TypeError("text_delta text is not a string")
+                return Delta(text=text) if text else None
             if delta.get("type") == "input_json_delta" and event.get("index") in self._tools:
                 fragment = str(delta.get("partial_json") or "")
                 return Delta(tool_calls=(ToolCallDelta(self._tools[event["index"]], fragment),)) if fragment else None
@@ -156,7 +165,14 @@ class EventMapper:
 
 
 def messages_body(body: dict[str, Any], model: str) -> dict[str, Any]:
-    """An OpenAI chat completions body as an Anthropic Messages body (always streamed)."""
+    """An OpenAI chat completions body as an Anthropic Messages body (always streamed).
+
+    The body is checked first (``schemas.OpenAIChatBody``: ``/v1`` has done so already, a
+    ``ChatRequest`` from ``/api`` or a job is a subset), so every field read here has its type."""
+    try:
+        parse_openai_body(body)
+    except ValidationError as exc:
+        raise ValidationFailed(describe_validation(exc)) from None
     system: list[str] = []
     messages: list[dict[str, Any]] = []
 
@@ -181,6 +197,8 @@ def messages_body(body: dict[str, Any], model: str) -> dict[str, Any]:
                     arguments = orjson.loads(function.get("arguments") or "{}")
                 except orjson.JSONDecodeError:
                     raise ValidationFailed("messages: tool call arguments must be JSON") from None
+                if not isinstance(arguments, dict):
+                    raise ValidationFailed("messages: tool call arguments must be a JSON object")
                 blocks.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                                "input": arguments})
             if blocks:
@@ -205,7 +223,7 @@ def messages_body(body: dict[str, Any], model: str) -> dict[str, Any]:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and t.get("function")]
     if tools:
-        out["tools"] = [{"name": f.get("name"), "description": f.get("description", ""),
+        out["tools"] = [{"name": f.get("name"), "description": f.get("description") or "",
                          "input_schema": f.get("parameters") or {"type": "object", "properties": {}}} for f in tools]
         choice = body.get("tool_choice")
         if choice == "required":

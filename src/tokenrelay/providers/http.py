@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import orjson
 from yarl import URL
 
-from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
 from .base import error_for_status
 from .http11 import IDLE_KEEP, Pool
 from .transport import (
@@ -37,6 +37,7 @@ from .transport import (
     RequestUnanswered,
     ConnectTimeout,
     Exchange,
+    HeadTooLarge,
     InvalidHeader,
     TLSOptions,
     Transport,
@@ -137,6 +138,8 @@ class UpstreamClient:
             error = UpstreamUnavailable(f"upstream connection lost before it answered: {_describe(exc)}")
             error.request_sent = True
             raise error from None
+        except HeadTooLarge as exc:
+            raise UpstreamProtocolError(f"upstream broke the protocol: {exc}") from None
         except (OSError, TransportError) as exc:
             raise UpstreamUnavailable(f"cannot reach upstream: {_describe(exc)}") from None
 

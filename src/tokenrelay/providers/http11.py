@@ -45,7 +45,9 @@ from .transport import (
     RequestUnanswered,
     ConnectTimeout,
     Decoder,
+    HeadTooLarge,
     InvalidHeader,
+    MAX_RESPONSE_HEAD,
     WriteTimeout,
     check_header,
     decoder_for,
@@ -99,6 +101,7 @@ class Connection(asyncio.Protocol):
         self._interim = False  # parsing a 1xx response, which precedes the real one
         self._decoder: Decoder | None = None
         self.received = False  # any byte of this request's response
+        self._head_size = 0  # bytes fed to the parser while the headers had not all arrived
         self._keep_alive = False
         self._stray = False  # bytes after the answer, which nobody asked for
         self._until_close = False
@@ -121,6 +124,13 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(BadResponse(f"not an HTTP/1.1 response: {exc}"))
             self.close()
+            return
+        if not self.status and not self.closed:
+            # Still in the head: the parser keeps it until it ends, so it is bounded here
+            # (to the cap plus one read), not when it ends — if it ever does.
+            self._head_size += len(data)
+            if self._head_size > MAX_RESPONSE_HEAD:
+                self.abort(HeadTooLarge(f"the upstream's response headers are larger than {MAX_RESPONSE_HEAD // 1024} KiB"))
 
     def eof_received(self) -> bool:
         return False  # close our side too

@@ -123,6 +123,11 @@ async def chat_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
             except UpstreamError as exc:
                 failure = exc
                 break
+            except (AttributeError, LookupError, TypeError, ValueError):
+                # JSON, but not a chunk's shape (a string for an object, text that is a number)
+                failure = UpstreamProtocolError(f"upstream sent an event that is not a chat completion chunk: "
+                                                f"{event.data[:80]!r}")
+                break
             if delta is None:
                 continue
             if delta.finish_reason is None and delta.usage is None:
@@ -155,8 +160,9 @@ def _delta(data: str) -> Delta | None:
         choice = choices[0]
         content = (choice.get("delta") or {}).get("content")
         if content:
-            text = content
+            text = _str(content)
         finish = choice.get("finish_reason")
+        finish = None if finish is None else _str(finish)
     usage = None
     raw_usage = chunk.get("usage")
     if raw_usage:
@@ -166,3 +172,9 @@ def _delta(data: str) -> Delta | None:
     if not text and finish is None and usage is None:
         return None
     return Delta(text=text, finish_reason=finish, usage=usage)
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value

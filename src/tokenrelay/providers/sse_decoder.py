@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import UpstreamProtocolError
+
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
@@ -23,13 +25,32 @@ class ServerSentEvent:
     id: str | None = None
 
 
+MAX_LINE = 4 << 20
+"""Bytes of one line, and of one event's data, before the stream is refused as broken. An
+event is a token or two — a few hundred bytes; a whole answer sent as one event is still far
+below this. Past it, an upstream that never ends its line would have tokenrelay hold it all."""
+
+
+_JOIN_BELOW = 16 << 10
+"""An unfinished line shorter than this is joined with the next read and searched again; a
+longer one is kept in pieces, so that a line arriving in many reads costs linear time."""
+
+
+class SSELineTooLong(UpstreamProtocolError):
+    pass
+
+
 class SSEDecoder:
-    __slots__ = ("_pending", "_skip_lf", "_data", "_event", "_id", "_started")
+    __slots__ = ("_pending", "_pending_size", "_skip_lf", "_data", "_data_size", "_event", "_id", "_started")
 
     def __init__(self) -> None:
-        self._pending = b""  # an incomplete line carried to the next chunk
+        # An incomplete line carried to the next chunk, in pieces: joined once, when its end
+        # arrives, so a long line costs time linear in its length.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._skip_lf = False  # the last chunk ended in CR: a leading LF belongs to it
         self._data: list[bytes] = []
+        self._data_size = 0
         self._event = b""
         self._id: str | None = None
         self._started = False
@@ -41,32 +62,61 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        buf = self._pending + chunk if self._pending else chunk
-        if not self._started and buf:
+        events: list[ServerSentEvent] = []
+        if not self._started:
+            buf = b"".join(self._pending) + chunk
+            self._pending, self._pending_size = [], 0
             if len(buf) < 3 and b"\xef\xbb\xbf".startswith(buf):
-                self._pending = buf
+                self._pending, self._pending_size = [buf], len(buf)
                 return []
             self._started = True
-            if buf.startswith(b"\xef\xbb\xbf"):
-                buf = buf[3:]
-        if b"\r" in buf:
-            lines = _LINE_END.split(buf)
-            if buf.endswith(b"\r"):
+            chunk = buf[3:] if buf.startswith(b"\xef\xbb\xbf") else buf
+        elif self._pending_size < _JOIN_BELOW:
+            # The usual case — an event split across two reads: one join is the cheapest.
+            if self._pending:
+                chunk = self._pending[0] + chunk if len(self._pending) == 1 else b"".join(self._pending) + chunk
+                self._pending, self._pending_size = [], 0
+        else:
+            # A long line: only the new bytes are searched for its end, and it is joined once.
+            end = _LINE_END.search(chunk)
+            if end is None:
+                self._hold(chunk)
+                return []
+            self._pending.append(chunk[:end.start()])
+            line = b"".join(self._pending)
+            self._pending, self._pending_size = [], 0
+            if end.group() == b"\r" and end.end() == len(chunk):
+                self._skip_lf = True
+            chunk = chunk[end.end():]
+            self._line(line, events)
+        if not chunk:
+            return events
+        if b"\r" in chunk:
+            lines = _LINE_END.split(chunk)
+            if chunk.endswith(b"\r"):
                 self._skip_lf = True
         else:
-            lines = buf.split(b"\n")
-        self._pending = lines.pop()
-        events: list[ServerSentEvent] = []
+            lines = chunk.split(b"\n")
+        tail = lines.pop()
         for line in lines:
             self._line(line, events)
+        if tail:
+            self._hold(tail)
         return events
+
+    def _hold(self, piece: bytes) -> None:
+        self._pending.append(piece)
+        self._pending_size += len(piece)
+        if self._pending_size > MAX_LINE:
+            self._pending, self._pending_size = [], 0
+            raise SSELineTooLong(f"upstream sent an event-stream line longer than {MAX_LINE >> 20} MiB")
 
     def close(self) -> bool:
         """End of stream. Per the spec an event without its terminating blank line is
         discarded; returns True when something was discarded (a truncated stream)."""
         truncated = bool(self._pending or self._data)
-        self._pending = b""
-        self._data = []
+        self._pending, self._pending_size = [], 0
+        self._data, self._data_size = [], 0
         self._event = b""
         return truncated
 
@@ -76,7 +126,7 @@ class SSEDecoder:
                 data = b"\n".join(self._data).decode("utf-8", "replace")
                 event = self._event.decode("utf-8", "replace") or "message"
                 events.append(ServerSentEvent(data=data, event=event, id=self._id))
-            self._data = []
+            self._data, self._data_size = [], 0
             self._event = b""
             return
         if line[0] == 0x3A:  # ':' comment
@@ -86,6 +136,10 @@ class SSEDecoder:
             value = value[1:]
         if field == b"data":
             self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > MAX_LINE:
+                self._data, self._data_size = [], 0
+                raise SSELineTooLong(f"upstream sent an event larger than {MAX_LINE >> 20} MiB")
         elif field == b"event":
             self._event = value
         elif field == b"id":

@@ -46,6 +46,19 @@ class BadResponse(TransportError):
     """The upstream's bytes are not an HTTP/1.1 response (or not one tokenrelay can read)."""
 
 
+MAX_RESPONSE_HEAD = 64 * 1024
+"""Bytes of a response's status line and headers: real ones are a few kilobytes. Past it the
+response is refused, rather than parsed and held however large an upstream makes it."""
+MAX_RESPONSE_HEADERS = 128
+"""Header lines of a response (aiohttp counts lines, with ``MAX_RESPONSE_FIELD`` bytes each)."""
+MAX_RESPONSE_FIELD = 8190
+"""Bytes of one header line, aiohttp's own default."""
+
+
+class HeadTooLarge(BadResponse):
+    """The response's status line and headers are larger than tokenrelay reads."""
+
+
 class ConnectTimeout(TransportError):
     """No connection to the upstream within the connect timeout."""
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -22,7 +23,7 @@ from ..logs import request_id
 from ..providers.base import OpenAIRequest
 from ..resume.registry import new_stream_id
 from ..routing import Attempts
-from ..schemas import parse_json_object
+from ..schemas import OpenAIChatBody, describe_validation, parse_json_object, parse_openai_body
 from ..state import app_state
 from ..streaming.openai_relay import STREAM_HEADERS, openai_error, v1_body
 from ..streaming.record import StreamRecord
@@ -36,25 +37,19 @@ class _Param(ValidationFailed):
 
     status = 400
 
-    def __init__(self, message: str, *, param: str) -> None:
+    def __init__(self, message: str, *, param: str | None) -> None:
         super().__init__(message)
         self.param = param
 
 
-def check_body(body: dict[str, Any]) -> tuple[str | None, bool]:
-    """The model and stream flag; the fields tokenrelay must understand, checked."""
-    model = body.get("model")
-    if model is not None and (not isinstance(model, str) or not model or len(model) > 256):
-        raise _Param("model: must be a non-empty string", param="model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _Param("messages: must be a non-empty list of messages", param="messages")
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        raise _Param("messages: each message must be an object with a 'role'", param="messages")
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise _Param("stream: must be true or false", param="stream")
-    return model, bool(stream)
+def check_body(body: dict[str, Any]) -> OpenAIChatBody:
+    """The body checked as far as tokenrelay reads or translates it (``schemas.OpenAIChatBody``);
+    the first bad field is OpenAI's ``param``."""
+    try:
+        return parse_openai_body(body)
+    except ValidationError as exc:
+        param = next((str(e["loc"][0]) for e in exc.errors() if e["loc"]), None)
+        raise _Param(describe_validation(exc), param=param) from None
 
 
 @Endpoint
@@ -63,18 +58,19 @@ async def chat_completions(request: Request) -> StreamResponse:
     settings = state.settings
     raw = await read_json_body(request, settings.max_body_bytes)
     body = parse_json_object(raw)
-    model, stream = check_body(body)
-    model = model or settings.default_model
+    checked = check_body(body)
+    stream = bool(checked.stream)
+    model = checked.model or settings.default_model
     if model is None:
         raise _Param("model: required, since no default model is set (TOKENRELAY_MODEL)", param="model")
-    if "model" not in body:
+    if body.get("model") is None:
         # The upstream needs a model too: the default is written in, the rest stays as sent.
         body["model"] = model
         raw = raw.rstrip()[:-1] + b',"model":' + orjson.dumps(model) + b"}"
     state.router.resolve(model)  # an unknown model is a 404 before anything starts
     record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model,
                           mode="sse" if stream else "json", route="/v1/chat/completions")
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    include_usage = bool(checked.stream_options and checked.stream_options.include_usage)
     provider = state.provider
     headers = [*STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
 

@@ -25,7 +25,7 @@ import itertools
 import random
 import re
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -54,16 +54,35 @@ _WORDS = re.compile(r"\s*\S+|\s+")
 
 def answer_tokens(request: ChatRequest, options: SimOptions) -> list[str]:
     """The answer's tokens: deterministic for a seed and a question."""
-    last_user = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+    return list(iter_tokens(request, options))
+
+
+def answer_length(request: ChatRequest, options: SimOptions) -> int:
     if options.echo:
-        return _WORDS.findall(last_user) or [""]
-    count = options.tokens if request.max_tokens is None else min(options.tokens, request.max_tokens)
+        return len(_WORDS.findall(_last_user(request))) or 1
+    return options.tokens if request.max_tokens is None else min(options.tokens, request.max_tokens)
+
+
+def iter_tokens(request: ChatRequest, options: SimOptions) -> Iterator[str]:
+    """The answer's tokens one sentence at a time: a long answer is never held whole."""
+    last_user = _last_user(request)
+    if options.echo:
+        yield from _WORDS.findall(last_user) or [""]
+        return
+    left = answer_length(request, options)
     rng = random.Random(options.seed * 1_000_003 + zlib.crc32(last_user.encode()))
-    words: list[str] = []
-    while len(words) < count:
+    first = True
+    while left > 0:
         sentence = _WORDS.findall(rng.choice(_SENTENCES))
-        words.extend(sentence if not words else [" " + sentence[0], *sentence[1:]])
-    return words[:count]
+        if not first:
+            sentence = [" " + sentence[0], *sentence[1:]]
+        first = False
+        yield from sentence[:left]
+        left -= len(sentence)
+
+
+def _last_user(request: ChatRequest) -> str:
+    return next((m.content for m in reversed(request.messages) if m.role == "user"), "")
 
 
 _DEFAULT_TOOL = {"name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -86,11 +105,20 @@ def tool_calls(request: ChatRequest, options: SimOptions) -> list[tuple[str, str
 
 
 def _sample(spec: Any, words: str, i: int) -> Any:
+    # A JSON Schema from the request: any of its keywords may hold any JSON value.
     spec = spec if isinstance(spec, dict) else {}
-    if spec.get("enum"):
-        return spec["enum"][i % len(spec["enum"])]
-    return {"string": words, "integer": 3 + i, "number": 21.5, "boolean": True,
-            "array": [], "object": {}}.get(spec.get("type"), words)
+    enum = spec.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[i % len(enum)]
+    kind = spec.get("type")
+    if isinstance(kind, list):  # ["string", "null"]
+        kind = next((k for k in kind if isinstance(k, str) and k != "null"), None)
+    if kind == "integer":
+        return 3 + i
+    return _SAMPLES.get(kind, words) if isinstance(kind, str) else words
+
+
+_SAMPLES: dict[str, Any] = {"number": 21.5, "boolean": True, "array": [], "object": {}}
 
 
 def prompt_tokens(request: ChatRequest) -> int:
@@ -117,15 +145,15 @@ class Simulator:
             async for delta in self._tool_deltas(request, options, calls):
                 yield delta
             return
-        tokens = answer_tokens(request, options)
-        fault_at = options.at if options.at is not None else len(tokens) // 2
+        length = answer_length(request, options)
+        fault_at = options.at if options.at is not None else length // 2
         loop = asyncio.get_running_loop()
         start = loop.time()
         interval = 1.0 / options.tps if options.tps > 0 else 0.0
         await asyncio.sleep(options.ttft)
         if options.fault == "error-before":
             raise UpstreamError("simulated upstream error before the first token")
-        for i, token in enumerate(tokens):
+        for i, token in enumerate(iter_tokens(request, options)):
             if i == fault_at:
                 if options.fault == "error-mid":
                     raise UpstreamError("simulated upstream failure mid-stream")
@@ -140,8 +168,8 @@ class Simulator:
             elif i % 64 == 63:
                 await asyncio.sleep(0)  # unpaced or behind the pace: let other streams run
             yield Delta(text=token)
-        finish = "length" if request.max_tokens is not None and len(tokens) >= request.max_tokens and not options.echo else "stop"
-        completion = len(tokens)
+        finish = "length" if request.max_tokens is not None and length >= request.max_tokens and not options.echo else "stop"
+        completion = length
         prompt = prompt_tokens(request)
         yield Delta(finish_reason=finish, usage=Usage(prompt, completion, prompt + completion))
 

@@ -16,6 +16,7 @@ after it, the body ends with a ``data: {"error": …}`` event that the SDKs rais
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -55,19 +56,37 @@ def v1_body(opened: Passthrough | AsyncIterator[Delta], record: StreamRecord, he
 
 # --- passthrough ---
 
+MAX_WHOLE_BODY = 64 << 20
+"""Bytes of a non-streamed answer held before it is refused: an answer is a few kilobytes;
+this bounds what a broken upstream can make tokenrelay hold."""
+
+
 async def pass_stream(response: UpstreamBody, record: StreamRecord, headers: Headers) -> AsyncGenerator[bytes, None]:
     headers.insert(0, (b"content-type", response.headers.get("content-type", "text/event-stream").encode()))
-    if "content-encoding" in response.headers:
-        headers.append((b"content-encoding", response.headers["content-encoding"].encode()))
     watch = StreamWatch()
+    # The client gets the events plain whatever the upstream did (it was asked for identity),
+    # and each piece is checked as UTF-8: the SDKs fail on anything else with their own error
+    # instead of an upstream error they can report.
+    utf8 = codecs.getincrementaldecoder("utf-8")()
     failure: UpstreamError | None = None
+    sent = False
     try:
+        _check_encoding(response)
         async for chunk in response:
+            try:
+                utf8.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise UpstreamProtocolError(f"upstream sent bytes that are not UTF-8 in its event stream: {exc}") from None
             if record.first_token is None:
                 record.first_token = time.perf_counter()
             record.bytes_out += len(chunk)
             watch.feed(chunk)
+            sent = True
             yield chunk
+    except UpstreamProtocolError as exc:
+        if not sent:
+            raise  # nothing reached the client yet: an honest 502
+        failure = exc
     except UpstreamError as exc:  # went silent, or hung up
         failure = exc
     finally:
@@ -88,22 +107,49 @@ async def pass_stream(response: UpstreamBody, record: StreamRecord, headers: Hea
 
 
 async def pass_whole(response: UpstreamBody, record: StreamRecord, headers: Headers) -> AsyncGenerator[bytes, None]:
+    """The upstream's JSON answer, checked to be one: anything else (an HTML error page
+    behind a 200, bytes that are not UTF-8) is a 502 in OpenAI's shape, which the SDKs raise,
+    rather than a 200 they would hand to the caller as a string."""
     try:
-        body = await response.read()
+        _check_encoding(response)
+        parts: list[bytes] = []
+        size = 0
+        async for piece in response:
+            size += len(piece)
+            if size > MAX_WHOLE_BODY:
+                raise UpstreamProtocolError(f"upstream answer is larger than {MAX_WHOLE_BODY >> 20} MiB")
+            parts.append(piece)
     except UpstreamTimeout:
         raise UpstreamTimeout("upstream did not finish its answer in time") from None
     finally:
         response.close()
+    body = b"".join(parts)
     record.first_token = time.perf_counter()
     record.bytes_out = len(body)
     try:
-        answer = orjson.loads(body)
-        record.usage = _usage(answer.get("usage"))
+        answer = orjson.loads(body)  # also refuses bytes that are not UTF-8
+    except orjson.JSONDecodeError:
+        kind = response.headers.get("content-type", "no content type")
+        raise UpstreamProtocolError(
+            f"upstream answered 200 with a body that is not JSON ({kind}): {body[:80].decode('utf-8', 'replace')!r}"
+        ) from None
+    if not isinstance(answer, dict):
+        raise UpstreamProtocolError("upstream answered 200 with JSON that is not an object")
+    record.usage = _usage(answer.get("usage"))
+    try:
         record.finish_reason = answer["choices"][0].get("finish_reason")
-    except (orjson.JSONDecodeError, AttributeError, LookupError, TypeError):
+    except (AttributeError, LookupError, TypeError):
         pass
-    headers.insert(0, (b"content-type", response.headers.get("content-type", "application/json").encode()))
+    headers.insert(0, (b"content-type", b"application/json"))
     yield body
+
+
+def _check_encoding(response: UpstreamBody) -> None:
+    """The transport decodes gzip and deflate; a body still encoded cannot be checked, and
+    most clients could not read it either."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UpstreamProtocolError(f"upstream answered in Content-Encoding {encoding!r}, which tokenrelay does not decode")
 
 
 # --- encode ---
@@ -157,6 +203,9 @@ def completion_id(record: StreamRecord) -> str:
 def _usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
-    prompt = int(raw.get("prompt_tokens") or 0)
-    completion = int(raw.get("completion_tokens") or 0)
-    return Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
+    try:
+        prompt = int(raw.get("prompt_tokens") or 0)
+        completion = int(raw.get("completion_tokens") or 0)
+        return Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
+    except (TypeError, ValueError):  # the answer goes on as sent; only the log line lacks its usage
+        return None

@@ -4,6 +4,7 @@ the one log line and observer calls it ends in. Nothing here runs per chunk."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -58,6 +59,19 @@ class StreamRecord:
         return self.usage.completion_tokens if self.usage else self.chunks
 
 
+def note_crash(record: StreamRecord, exc: BaseException | None) -> None:
+    """Record an unexpected exception ending the stream as status 500, ``internal_error``.
+    A client leaving (``CancelledError``), a failed write to it (``OSError``) and
+    tokenrelay's own errors (already recorded by ``fail``) are not crashes."""
+    if exc is None or isinstance(exc, (TokenrelayError, OSError)) or not isinstance(exc, Exception):
+        return
+    if record.outcome != "completed" or record.error_type is not None:
+        return
+    record.status = 500
+    record.outcome = "internal_error"
+    record.error_type = "internal_error"
+
+
 class StreamObserver(Protocol):
     """Told when a stream starts and ends (``metrics.Metrics``); never per chunk."""
 
@@ -67,7 +81,12 @@ class StreamObserver(Protocol):
 
 
 def log_request(record: StreamRecord) -> None:
-    """One line per request; with JSON logs the same values are fields of the object."""
+    """One line per request; with JSON logs the same values are fields of the object.
+
+    Called as the response ends, also while an exception is on its way out of it: one that
+    is not tokenrelay's (a bug) is recorded here as the 500 it becomes, so the log line and
+    the metrics read after it do not show a crash as ``status=200 outcome=completed``."""
+    note_crash(record, sys.exc_info()[1])
     duration_ms = round((time.perf_counter() - record.started) * 1000, 1)
     ttft_ms = round((record.first_token - record.started) * 1000, 1) if record.first_token else None
     fields: dict[str, Any] = {
