@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -98,26 +98,25 @@ class BrowserGuard:
         self.origins = frozenset(cors_origins)
         self.any_origin = "*" in self.origins
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Awaitable[None]:
+        # Decided before the app runs, so the app's coroutine is returned, not awaited: no
+        # frame of this guard stays alive beside each open stream.
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)  # type: ignore[no-any-return]
         host = header(scope, b"host")
         if not self.any_host and host is not None:
             name = host_name(host)
             if not host_allowed(name, self.allowed_hosts):
                 exc = Forbidden(f"this service does not answer to the host name {name[:100]!r}; its operator can "
                                 "add it to TOKENRELAY_ALLOWED_HOSTS")
-                await refuse(scope, send, exc, reason=f"host {name[:100]!r} not allowed")
-                return
+                return refuse(scope, send, exc, reason=f"host {name[:100]!r} not allowed")
         if not self.any_origin and is_api_path(route_path(scope)):
             why = self._cross_site(scope, host)
             if why is not None:
                 exc = Forbidden("cross-site requests are refused: call the API from the service's own page, "
                                 "or add your page's origin to TOKENRELAY_CORS_ORIGINS")
-                await refuse(scope, send, exc, reason=why)
-                return
-        await self.app(scope, receive, send)
+                return refuse(scope, send, exc, reason=why)
+        return self.app(scope, receive, send)  # type: ignore[no-any-return]
 
     def _cross_site(self, scope: Scope, host: bytes | None) -> str | None:
         """Why a browser sent this request for another site; None when it did not."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 import logging
 import resource
 from dataclasses import dataclass
@@ -79,6 +80,36 @@ def _raw_response(exc: TokenrelayError) -> bytes:
     ])
 
 
+class _Admission:
+    """The connection limit, in front of the app. Decided before the app runs, so it returns
+    the app's coroutine rather than awaiting it: no frame of its own beside each stream."""
+
+    __slots__ = ("app", "connections", "limit", "tasks")
+
+    def __init__(self, app: Any, limit: int, connections: Any, tasks: Any) -> None:
+        self.app, self.limit, self.connections, self.tasks = app, limit, connections, tasks
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        # The request's own connection and task are counted already: more than the limit.
+        limit = self.limit
+        if scope["type"] == "http" and (len(self.connections) > limit or len(self.tasks) > limit):
+            return self._refuse(send)
+        return self.app(scope, receive, send)
+
+    async def _refuse(self, send: Any) -> None:
+        log.warning("refused a request: %d connections open, at most %d (TOKENRELAY_MAX_CONNECTIONS)",
+                    len(self.connections), self.limit)
+        exc = Overloaded(f"the server is at its limit of {self.limit} connections; retry shortly",
+                         headers={"retry-after": "1", "connection": "close"})
+        await send({"type": "http.response.start", "status": exc.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                *((k.encode(), v.encode()) for k, v in exc.headers.items())]})
+        await send({"type": "http.response.body", "body": exc.body()})
+
+
+_ADMISSIONS: weakref.WeakKeyDictionary[Any, _Admission] = weakref.WeakKeyDictionary()
+
+
 class _Guard:
     """The limits, mixed into a uvicorn protocol class (``_H11`` / ``_HttpTools``)."""
 
@@ -103,23 +134,11 @@ class _Guard:
             self.app = self._admit(self.app, limits.max_connections)
 
     def _admit(self, app: Any, limit: int) -> Any:
-        connections, tasks = self.connections, self.tasks
-
-        async def admit(scope: Any, receive: Any, send: Any) -> None:
-            # The request's own connection and task are counted already: more than the limit.
-            if scope["type"] == "http" and (len(connections) > limit or len(tasks) > limit):
-                log.warning("refused a request: %d connections open, at most %d (TOKENRELAY_MAX_CONNECTIONS)",
-                            len(connections), limit)
-                exc = Overloaded(f"the server is at its limit of {limit} connections; retry shortly",
-                                 headers={"retry-after": "1", "connection": "close"})
-                await send({"type": "http.response.start", "status": exc.status,
-                            "headers": [(b"content-type", b"application/json"),
-                                        *((k.encode(), v.encode()) for k, v in exc.headers.items())]})
-                await send({"type": "http.response.body", "body": exc.body()})
-                return
-            await app(scope, receive, send)
-
-        return admit
+        # One admission per server, not a closure per connection (memory per open stream).
+        admission = _ADMISSIONS.get(app)
+        if admission is None or admission.connections is not self.connections or admission.limit != limit:
+            admission = _ADMISSIONS[app] = _Admission(app, limit, self.connections, self.tasks)
+        return admission
 
     # -- what the mixed-in parser says about the current request
     def _head_pending(self) -> bool:

@@ -4,7 +4,6 @@ the one log line and observer calls it ends in. Nothing here runs per chunk."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -81,12 +80,7 @@ class StreamObserver(Protocol):
 
 
 def log_request(record: StreamRecord) -> None:
-    """One line per request; with JSON logs the same values are fields of the object.
-
-    Called as the response ends, also while an exception is on its way out of it: one that
-    is not tokenrelay's (a bug) is recorded here as the 500 it becomes, so the log line and
-    the metrics read after it do not show a crash as ``status=200 outcome=completed``."""
-    note_crash(record, sys.exc_info()[1])
+    """One line per request; with JSON logs the same values are fields of the object."""
     duration_ms = round((time.perf_counter() - record.started) * 1000, 1)
     ttft_ms = round((record.first_token - record.started) * 1000, 1) if record.first_token else None
     fields: dict[str, Any] = {

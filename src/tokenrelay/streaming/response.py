@@ -41,7 +41,7 @@ from typing import Protocol
 from starlette.types import Message, Receive, Scope, Send
 
 from ..errors import TokenrelayError, error_headers
-from .record import StreamObserver, StreamRecord, log_request
+from .record import StreamObserver, StreamRecord, log_request, note_crash
 
 log = logging.getLogger("tokenrelay.request")
 
@@ -180,6 +180,10 @@ class StreamResponse:
                 raise
             if self._stopped_by == "stopped" and not self._detached:
                 await self._say_stopped(send, started)
+        except Exception as exc:  # a bug: the log line and metrics say 500, never "completed"
+            if record is not None:
+                note_crash(record, exc)
+            raise
         finally:
             self._closed = True
             listener.cancel()
