@@ -315,8 +315,9 @@ def test_tokens_and_answers_by_model_and_key_name_with_jobs_and_bounded_models(
     assert delta(before, after, "tokenrelay_tokens_out_total", model="other", **stream) == 3 + 4 + 5
     assert delta(before, after, "tokenrelay_answers_total", model="sim", outcome="completed", **stream) == 1
     assert delta(before, after, "tokenrelay_answers_total", model="other", outcome="completed", **stream) == 3
-    assert delta(before, after, "tokenrelay_tokens_out_total", model="sim", key="-", source="job") == 5
-    assert delta(before, after, "tokenrelay_answers_total", model="sim", key="-", source="job",
+    # a job counts under the key that submitted it
+    assert delta(before, after, "tokenrelay_tokens_out_total", model="sim", key="alice", source="job") == 5
+    assert delta(before, after, "tokenrelay_answers_total", model="sim", key="alice", source="job",
                  outcome="succeeded") == 1
     models = {dict(labels).get("model") for (name, labels) in after if name == "tokenrelay_tokens_out_total"}
     assert models <= {"sim", "sim:echo", "sim:tools", "other"}

@@ -20,12 +20,14 @@ keys; a job's is ``-``, as its record keeps no key name.
     tokenrelay_requests_total{route,status}          every HTTP request (499: the client left
                                                      before its request arrived whole)
     tokenrelay_streams_in_flight{mode}               answers being relayed now
-    tokenrelay_streams_total{mode,outcome}           completed | client_cancelled |
-                                                     upstream_error | failed_midway | rejected
+    tokenrelay_streams_total{mode,outcome}           completed | client_cancelled | client_stalled |
+                                                     stopped | abandoned | upstream_error |
+                                                     failed_midway | rejected | internal_error
     tokenrelay_time_to_first_token_seconds{mode}     histogram
     tokenrelay_stream_duration_seconds{mode}         histogram
     tokenrelay_tokens_out_total{model,key,source}    answer tokens, streamed (source="stream")
-                                                     or written by a job (source="job")
+                                                     or written by a job (source="job"); key is
+                                                     the client key's name (a job's submitter)
     tokenrelay_answers_total{model,key,source,outcome}  answers by how they ended: streams as
                                                      above, jobs succeeded | failed
     tokenrelay_bytes_out_total                       answer body bytes sent
@@ -175,8 +177,9 @@ class Metrics:
         model = self.model_label(job.model)
         usage = job.result.usage if job.result else None
         tokens = usage.get("completion_tokens", 0) if usage else 0
-        self._child(self.tokens_out, model, NO_KEY, "job").inc(tokens)
-        self._child(self.answers, model, NO_KEY, "job", str(job.status)).inc()
+        key = job.owner or NO_KEY  # the name of the client key that submitted it
+        self._child(self.tokens_out, model, key, "job").inc(tokens)
+        self._child(self.answers, model, key, "job", str(job.status)).inc()
 
     # --- requests that never reach the relay ---
 

@@ -123,6 +123,21 @@ class _Guard:
     limit_concurrency: int | None
     client: tuple[str, int] | None
 
+    # The parser's own handlers, wrapped: the mixed-in protocol class comes after _Guard in
+    # the MRO, so super() reaches it.
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._on_connect()
+
+    def data_received(self, data: bytes) -> None:
+        self._before_data(data)
+        super().data_received(data)  # type: ignore[misc]
+        self._after_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
     def _guard(self, limits: ConnectionLimits) -> None:
         self._limits = limits
         self._head_bytes = 0
@@ -230,19 +245,6 @@ class _H11(_Guard, H11Protocol):
     def _head_pending(self) -> bool:
         return bool(self.conn.their_state is h11.IDLE)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._on_connect()
-
-    def data_received(self, data: bytes) -> None:
-        self._before_data(data)
-        super().data_received(data)
-        self._after_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
 
 @functools.cache
 def _httptools_class() -> type[Any]:
@@ -264,19 +266,6 @@ def _httptools_class() -> type[Any]:
         def on_headers_complete(self) -> None:
             self._in_head = False
             super().on_headers_complete()
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._on_connect()
-
-        def data_received(self, data: bytes) -> None:
-            self._before_data(data)
-            super().data_received(data)
-            self._after_data(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
     return _HttpTools
 

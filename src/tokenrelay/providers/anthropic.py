@@ -20,11 +20,11 @@ import orjson
 from pydantic import ValidationError
 from yarl import URL
 
-from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
+from ..errors import UpstreamError, UpstreamProtocolError, ValidationFailed
 from ..schemas import ChatRequest, describe_validation, message_text, parse_openai_body
 from .sse_decoder import SSEDecoder
 from .base import Delta, OpenAIRequest, ToolCallDelta, Usage, event_object
-from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse
+from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, answers_models
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -72,17 +72,8 @@ class Anthropic:
         return []  # routes name their Anthropic models (``models`` in the route)
 
     async def check_ready(self, *, timeout: float) -> str | None:
-        """Whether the upstream answers ``GET {base}/models`` (as ``OpenAICompatible``)."""
         headers = {k: v for k, v in self._headers.items() if k in ("x-api-key", "anthropic-version")}
-        try:
-            status, _ = await self._client.get(self.models_url, headers, timeout=timeout)
-        except UpstreamTimeout:
-            return f"upstream did not answer GET /models within {timeout:g} s"
-        except UpstreamUnavailable as exc:
-            return exc.message
-        if status >= 500 or status in (401, 403):
-            return f"upstream answered GET /models with {status}"
-        return None
+        return await answers_models(self._client, self.models_url, headers, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._client.aclose()

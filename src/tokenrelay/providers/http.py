@@ -147,6 +147,22 @@ class UpstreamClient:
         await self.transport.aclose()
 
 
+async def answers_models(client: UpstreamClient, url: URL, headers: Mapping[str, str], *,
+                         timeout: float) -> str | None:
+    """Whether an upstream answers ``GET {base}/models``: None when it does, else why not
+    (a provider's ``check_ready``). Any answer but a server error or a refused key counts: a
+    server that lacks the route (404) is up, and a rate limit (429) passes by itself."""
+    try:
+        status, _ = await client.get(url, headers, timeout=timeout)
+    except UpstreamTimeout:
+        return f"upstream did not answer GET /models within {timeout:g} s"
+    except UpstreamUnavailable as exc:
+        return exc.message
+    if status >= 500 or status in (401, 403):
+        return f"upstream answered GET /models with {status}"
+    return None
+
+
 class AutoTransport:
     """The fast path for every upstream the environment sends directly, aiohttp for those
     it sends through a proxy (``HTTPS_PROXY``/``HTTP_PROXY`` minus ``NO_PROXY``), decided

@@ -14,11 +14,11 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import UpstreamError, UpstreamProtocolError
 from ..schemas import ChatRequest
 from .sse_decoder import SSEDecoder
 from .base import Delta, OpenAIRequest, Passthrough, Usage, event_object
-from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, error_message
+from .http import SSE_REQUEST_HEADERS, UpstreamClient, UpstreamResponse, answers_models, error_message
 from .http import make_client as make_client  # the transport factory, where routing.py imports it from
 
 
@@ -79,20 +79,8 @@ class OpenAICompatible:
             response.close()
 
     async def check_ready(self, *, timeout: float) -> str | None:
-        """Whether the upstream answers ``GET {base}/models``: None when it does, else why not.
-
-        Any answer but a server error or a refused key counts: a server that lacks the
-        route (404) is up, and a rate limit (429) passes by itself."""
         headers = {k: v for k, v in self._headers.items() if k == "authorization"}
-        try:
-            status, _ = await self._client.get(self.models_url, headers, timeout=timeout)
-        except UpstreamTimeout:
-            return f"upstream did not answer GET /models within {timeout:g} s"
-        except UpstreamUnavailable as exc:
-            return exc.message
-        if status >= 500 or status in (401, 403):
-            return f"upstream answered GET /models with {status}"
-        return None
+        return await answers_models(self._client, self.models_url, headers, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._client.aclose()

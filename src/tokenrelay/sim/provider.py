@@ -4,18 +4,8 @@ It implements the same Provider protocol as the OpenAI-compatible provider, so
 ``tokenrelay serve`` with no upstream runs on it in-process, and ``tokenrelay sim`` serves it
 over HTTP for tests, demos and the benchmark.
 
-Per-request options ride in the model name (``options``), so they pass through any client
-and relay::
-
-    sim                          the defaults
-    sim:echo                     repeat the last user message
-    sim:ttft=2,tps=10,tokens=50  pacing and length (tps=0: no delay)
-    sim:seed=7                   another deterministic answer
-    sim:fault=error-mid          error-before | error-mid | stall | malformed | http-429 | http-500 | http-NNN
-    sim:fault=stall,stall=5      go silent for 5 s after ``at`` tokens (default: halfway)
-    sim:ttft=0;tps=0             ';' separates options too, for gateways that split model names on ','
-    sim:tools                    call a tool (the request's first, or ``get_weather``);
-                                 ``tools=2`` calls two; a request with ``tools`` calls one
+Per-request options ride in the model name (``sim:echo,tps=10``; ``options`` lists them), so
+they pass through any client and relay.
 """
 
 from __future__ import annotations
