@@ -90,7 +90,7 @@ def stream_answer(url: str, body: dict[str, Any], *, sse: bool, write: Callable[
         with httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0)) as client:
             with client.stream("POST", url, json=body, headers=headers) as response:
                 if response.status_code != 200:
-                    refusal = _refusal(response)
+                    refusal = refusal_message(response)
                     if "model_not_found" in refusal:
                         refusal += _listed_hint(base, key)
                     raise AskFailed(refusal)
@@ -211,7 +211,7 @@ def _listed_hint(base: str, key: str | None) -> str:
     return f" (models this service lists: {_few(names)})" if names else ""
 
 
-def _refusal(response: httpx.Response) -> str:
+def refusal_message(response: httpx.Response) -> str:
     response.read()
     hint = f"; pass the client key with --key (or set {KEY_ENV})" if response.status_code == 401 else ""
     try:

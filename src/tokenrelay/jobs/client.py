@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from ..ask import AskFailed, _refusal
+from ..ask import AskFailed, refusal_message
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
@@ -20,7 +20,7 @@ def submit(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, An
     except httpx.ConnectError as exc:
         raise AskFailed(f"cannot reach {url}: {exc}") from None
     if response.status_code != 202:
-        raise AskFailed(_refusal(response))
+        raise AskFailed(refusal_message(response))
     return dict(response.json())
 
 
@@ -36,7 +36,7 @@ def wait(client: httpx.Client, url: str, job_id: str, *, progress: Callable[[str
         elapsed = time.monotonic() - started
         if response is not None:
             if response.status_code != 200:
-                raise AskFailed(_refusal(response))
+                raise AskFailed(refusal_message(response))
             job = dict(response.json())
             if job["status"] not in ("queued", "running"):
                 return job
