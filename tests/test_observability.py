@@ -266,10 +266,12 @@ def test_metrics_add_up_every_worker(log_dir) -> None:
     relay = RelayServer.__new__(RelayServer)
     relay.url = server.url
     try:
+        # /healthz answers as soon as one worker is up: wait for the other too
+        wait_until(lambda: server.log().count("Application startup complete") == 2, timeout=30)
+        assert len(set(re.findall(r"Started server process \[(\d+)\]", server.log()))) == 2
         for _ in range(8):  # a new connection each: the kernel spreads them over the workers
             httpx.post(server.url + "/api/get-response", json=chat(model="sim:ttft=0,tps=0,tokens=3"),
                        timeout=10).raise_for_status()
-        assert len(set(re.findall(r"Started server process \[(\d+)\]", server.log()))) == 2
         for _ in range(6):
             samples = scrape(relay)
             assert value(samples, "tokenrelay_requests_total", route="/api/get-response", status="200") == 8
