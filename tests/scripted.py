@@ -221,3 +221,24 @@ def make_certificates(directory: Path) -> Certificates:
         pem.write_bytes(cert.read_bytes() + key.read_bytes())
         paths += [pem, cert]
     return Certificates(server=paths[0], server_cert=paths[1], client=paths[2])
+
+
+def keep_alive_upstream(close_after: int | None = None) -> tuple[Handler, list[int]]:
+    """Answers "ok" to each request; ``requests_on`` lists the connection (1, 2…) each came
+    on. With ``close_after``, the upstream hangs up after that many answers on a connection."""
+    requests_on: list[int] = []
+    accepted = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        connection = accepted
+        answered = 0
+        while close_after is None or answered < close_after:
+            await read_request(reader)
+            requests_on.append(connection)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            answered += 1
+
+    return handler, requests_on

@@ -38,6 +38,7 @@ from scripted import (
     chunked,
     forward_proxy,
     forward_proxy_in_thread,
+    keep_alive_upstream,
     make_certificates,
     read_request,
     serving,
@@ -331,29 +332,8 @@ def test_a_slow_reader_is_not_a_silent_upstream(kind: str) -> None:
 
 # --- connections: keep-alive, the reuse race, no POST sent twice, limits, idle ---
 
-def _keep_alive_upstream(close_after: int | None = None) -> tuple[Handler, list[int]]:
-    """Answers "ok" to each request; ``requests_on`` lists the connection (1, 2…) each came
-    on. With ``close_after``, the upstream hangs up after that many answers on a connection."""
-    requests_on: list[int] = []
-    accepted = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        connection = accepted
-        answered = 0
-        while close_after is None or answered < close_after:
-            await read_request(reader)
-            requests_on.append(connection)
-            writer.write(OK)
-            await writer.drain()
-            answered += 1
-
-    return handler, requests_on
-
-
 def test_a_connection_read_to_its_end_is_reused(kind: str) -> None:
-    handler, requests_on = _keep_alive_upstream()
+    handler, requests_on = keep_alive_upstream()
 
     async def go() -> list[bytes]:
         async with serving(handler) as (url, _), client(kind) as upstream:
@@ -366,7 +346,7 @@ def test_a_connection_read_to_its_end_is_reused(kind: str) -> None:
 def test_a_kept_connection_the_upstream_closed_is_passed_over(kind: str) -> None:
     """The upstream hangs up on an idle kept connection; the next POST, not yet written
     anywhere, goes out on a new connection."""
-    handler, requests_on = _keep_alive_upstream(close_after=1)
+    handler, requests_on = keep_alive_upstream(close_after=1)
 
     async def go() -> list[bytes]:
         async with serving(handler) as (url, handled), client(kind) as upstream:

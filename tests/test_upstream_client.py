@@ -16,7 +16,7 @@ from yarl import URL
 from tokenrelay.errors import UpstreamError, UpstreamRateLimited, UpstreamTimeout, UpstreamUnavailable
 from tokenrelay.providers.http import UpstreamClient
 
-from scripted import HEAD, Handler, chunked, read_request, serving, until
+from scripted import HEAD, Handler, chunked, keep_alive_upstream, read_request, serving, until
 
 
 async def fetch(url: str, *, read: float = 5.0, consume: Callable[[bytes], Awaitable[None]] | None = None) -> bytes:
@@ -273,31 +273,12 @@ def test_a_kept_connection_dropped_as_a_get_arrives_is_retried_once_on_a_new_one
     assert connections == 2
 
 
-def _counting_upstream() -> tuple[Handler, list[int]]:
-    """An upstream that answers "ok" to every request, and lists for each request the
-    connection it came on (1 for the first connection accepted, 2 for the second…)."""
-    requests_on: list[int] = []
-    accepted = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted
-        accepted += 1
-        connection = accepted
-        while True:
-            await read_request(reader)
-            requests_on.append(connection)
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-            await writer.drain()
-
-    return handler, requests_on
-
-
 def test_a_request_that_takes_the_last_idle_connection_has_a_spare_opened_for_the_next() -> None:
     """With every connection busy, a new stream would first wait for a TCP (and TLS)
     handshake. The pool keeps one spare ready: the second of two overlapping requests goes
     out on a connection the upstream accepted before that request began, and taking it
     readies the next spare."""
-    handler, requests_on = _counting_upstream()
+    handler, requests_on = keep_alive_upstream()
 
     async def go() -> list[bytes]:
         async with client_of(handler, spare=True) as (client, url, handled):
@@ -318,7 +299,7 @@ def test_a_request_that_takes_the_last_idle_connection_has_a_spare_opened_for_th
 def test_without_a_spare_connection_each_busy_moment_opens_its_own() -> None:
     """``TOKENRELAY_SPARE_CONNECTION=false``: connections are opened only by the requests
     that need them, and kept ones are reused."""
-    handler, requests_on = _counting_upstream()
+    handler, requests_on = keep_alive_upstream()
 
     async def go() -> int:
         async with client_of(handler, spare=False) as (client, url, handled):
