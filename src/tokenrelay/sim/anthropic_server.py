@@ -19,7 +19,7 @@ import orjson
 from ..errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
 from ..providers.base import Delta
 from ..schemas import ChatRequest, chat_from_openai
-from ..streaming.openai_chunks import Completion
+from ..streaming.relay import collect
 from ..streaming.response import Body
 from .provider import prompt_tokens
 
@@ -141,12 +141,7 @@ async def stream_messages(answer: SimAnswer, deltas: AsyncIterator[Delta]) -> Bo
 
 async def whole_message(answer: SimAnswer, deltas: AsyncIterator[Delta]) -> Body:
     """A non-streamed Messages answer."""
-    whole = Completion()
-    try:
-        async for delta in deltas:
-            whole.add(delta)
-    finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
+    whole = await collect(deltas)
     content: list[dict[str, Any]] = [{"type": "text", "text": "".join(whole.parts)}] if whole.parts else []
     for i in sorted(whole.calls):
         call = whole.calls[i]

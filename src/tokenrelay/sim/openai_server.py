@@ -25,7 +25,8 @@ from starlette.routing import Route
 from ..errors import TokenrelayError, UpstreamError, UpstreamProtocolError, ValidationFailed
 from ..providers.base import Delta
 from ..schemas import ChatRequest, chat_from_openai, parse_json_object
-from ..streaming.openai_chunks import DONE, ChunkEncoder, Completion
+from ..streaming.openai_chunks import DONE, ChunkEncoder
+from ..streaming.relay import collect
 from ..routes.endpoint import Endpoint
 from ..streaming.response import Body, Headers, StreamResponse
 from . import anthropic_server
@@ -138,12 +139,7 @@ class SimAnswer:
         self.complete = True
 
     async def _whole(self, deltas: AsyncIterator[Delta]) -> Body:
-        completion = Completion()
-        try:
-            async for delta in deltas:
-                completion.add(delta)
-        finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
+        completion = await collect(deltas)
         self.headers.append((b"content-type", b"application/json"))
         yield completion.body(id=self.id, model=self.model, created=self.created)
         self.complete = True

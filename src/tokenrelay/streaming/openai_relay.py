@@ -25,9 +25,9 @@ import orjson
 
 from ..errors import TokenrelayError, UpstreamError, UpstreamProtocolError, UpstreamTimeout, error_headers, openai_body
 from ..providers.base import Delta, Passthrough, UpstreamBody, Usage
-from .openai_chunks import DONE, ChunkEncoder, Completion, error_event
+from .openai_chunks import DONE, ChunkEncoder, error_event
 from .record import StreamRecord
-from .relay import close_deltas
+from .relay import close_deltas, collect
 from .response import Body, Headers
 from .sse_watch import StreamWatch
 
@@ -182,12 +182,7 @@ async def encode_stream(deltas: AsyncIterator[Delta], record: StreamRecord, head
 
 
 async def encode_whole(deltas: AsyncIterator[Delta], record: StreamRecord, headers: Headers) -> AsyncGenerator[bytes, None]:
-    completion = Completion()
-    try:
-        async for delta in deltas:
-            completion.add(delta)
-    finally:
-        await close_deltas(deltas)
+    completion = await collect(deltas)
     record.first_token = time.perf_counter()
     record.usage, record.finish_reason = completion.usage, completion.finish_reason
     body = completion.body(id=completion_id(record), model=record.model)

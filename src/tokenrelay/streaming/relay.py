@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import orjson
 
 from ..providers.base import Delta
+from .openai_chunks import Completion
 from .record import StreamRecord
 
 
@@ -55,3 +56,15 @@ async def close_deltas(deltas: AsyncIterator[Delta]) -> None:
     aclose = getattr(deltas, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> Completion:
+    """The whole answer, for a wire that sends it in one piece; the deltas are closed
+    however the collecting ends."""
+    completion = Completion()
+    try:
+        async for delta in deltas:
+            completion.add(delta)
+    finally:
+        await close_deltas(deltas)
+    return completion
