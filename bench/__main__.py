@@ -78,9 +78,13 @@ def main(size: str, peers: bool, before: tuple[str, ...], targets: str | None, o
     if readme if readme is not None else (size == "full" and out_dir == default_out):
         if update_readme(ROOT / "README.md", results, paths["md"].name):
             log("README.md: benchmark table updated")
+    if size != "full":
+        # Too small to decide a goal: it proves the bench runs and shows the figures.
+        log(f"figures written in {results['wall_seconds']} s; goals are graded only on a full run")
+        return
     met = sum(1 for g in results["goals"] if g["met"] is True)
     judged = sum(1 for g in results["goals"] if g["met"] is not None)
-    log(f"{met} of {judged} goals met ({len(results['goals']) - judged} not applicable here) "
+    log(f"{met} of {judged} goals met ({len(results['goals']) - judged} shown as information) "
         f"in {results['wall_seconds']} s")
 
 

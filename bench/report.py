@@ -26,48 +26,66 @@ def _goal(workload: str, goal: str, target: str, result: Any, met: bool | None, 
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every goal of the benchmark, with this run's figure next to it (and the others')."""
+    """Every goal of the benchmark, with this run's figure next to it (and the others').
+
+    Each goal is one a noisy 2-core box can decide: a bound on a figure that stayed put from run
+    to run (W0's added median, W3's memory per stream), or a ratio to nginx measured in the same
+    run in CPU time, which another process on the box does not inflate (W2). Only a full run is
+    graded: ``--quick`` and ``--smoke`` are too small to decide anything, so their goals carry
+    figures with ``met`` None.
+    """
     w = results["workloads"]
+    graded = results.get("sizes", "full") == "full"
     goals: list[dict[str, Any]] = []
+
+    def add(workload: str, goal: str, target: str, result: Any, met: bool | None, unit: str = "",
+            peers: dict[str, Any] | None = None) -> None:
+        goals.append(_goal(workload, goal, target, result, met if graded else None, unit, peers))
+
     if "W0" in w:
         r = w["W0"]["results"]
         peers = {n: _get(r, n, "added_ttft_ms", "p50") for n in OTHERS}
         for name in TOKENRELAY:
             added = _get(r, name, "added_ttft_ms", "p50")
             if added is not None:
-                goals.append(_goal("W0", "added median TTFT ≤ 0.5 ms", name, added, added <= 0.5, "ms", peers))
+                add("W0", "added median TTFT ≤ 0.4 ms", name, added, added <= 0.4, "ms", peers)
     if "W1" in w:
         r = w["W1"]["results"]
-        nginx = _get(r, "nginx", "added_ttft_ms", "p99")
-        peers = {n: _get(r, n, "added_ttft_ms", "p99") for n in OTHERS}
+        nginx_median = _get(r, "nginx", "added_ttft_ms", "p50")
+        median_peers = {n: _get(r, n, "added_ttft_ms", "p50") for n in OTHERS}
+        p99_peers = {n: _get(r, n, "added_ttft_ms", "p99") for n in OTHERS}
         gap_peers = {n: _get(r, n, "added_gap_ms", "p99") for n in OTHERS}
         for name in TOKENRELAY:
-            added = _get(r, name, "added_ttft_ms", "p99")
-            if added is None:
-                continue
-            if nginx is not None:
-                limit = 2 * max(nginx, 0.0)
-                goals.append(_goal("W1", f"added p99 TTFT ≤ 2× nginx's ({limit:.2f} ms)", name, added,
-                                   added <= limit, "ms", peers))
+            median = _get(r, name, "added_ttft_ms", "p50")
+            if median is not None and nginx_median is not None:
+                limit = nginx_median + 0.5
+                add("W1", "added median TTFT ≤ nginx's added median + 0.5 ms", name, median, median <= limit,
+                    "ms", median_peers)
+            p99 = _get(r, name, "added_ttft_ms", "p99")
+            if p99 is not None:
+                add("W1", "added p99 TTFT (median of the waves) ≤ 2 ms", name, p99, p99 <= 2.0, "ms", p99_peers)
             gap = _get(r, name, "added_gap_ms", "p99")
             if gap is not None:
-                goals.append(_goal("W1", "inter-chunk gap p99 within 2 ms of direct", name, gap, abs(gap) <= 2.0,
-                                   "ms", gap_peers))
+                add("W1", "inter-chunk gap p99 within 1 ms of direct", name, gap, abs(gap) <= 1.0, "ms", gap_peers)
     if "W2" in w:
         r = w["W2"]["results"]
         concurrencies = [str(c) for c in w["W2"]["params"]["concurrency"]]
 
-        def worst(name: str) -> float | None:
-            ratios = [_get(r, name, c, "ratio_to_direct") for c in concurrencies]
-            ratios = [x for x in ratios if x is not None]
-            return min(ratios) if ratios else None
+        def worst_cpu_ratio(name: str) -> float | None:
+            """The highest, over the concurrencies, of relay CPU per token ÷ nginx's."""
+            ratios = []
+            for c in concurrencies:
+                own, nginx = _get(r, name, c, "cpu_s_per_mtok"), _get(r, "nginx", c, "cpu_s_per_mtok")
+                if own is not None and nginx:
+                    ratios.append(own / nginx)
+            return round(max(ratios), 2) if len(ratios) == len(concurrencies) else None
 
-        peers = {n: worst(n) for n in OTHERS}
-        for name, floor in (("tokenrelay-v1", 0.8), ("tokenrelay-text", 0.5), ("tokenrelay-sse", 0.5)):
-            ratio = worst(name)
+        peers = {n: worst_cpu_ratio(n) for n in OTHERS if n != "nginx"}
+        for name in TOKENRELAY:
+            ratio = worst_cpu_ratio(name)
             if ratio is not None:
-                goals.append(_goal("W2", f"tokens/s ≥ {floor}× direct at every concurrency (lowest shown)", name,
-                                   ratio, ratio >= floor, "× direct", peers))
+                add("W2", "relay CPU per token ≤ 1.25× nginx's at every concurrency (highest shown)", name,
+                    ratio, ratio <= 1.25, "× nginx", peers)
     if "W3" in w:
         r = w["W3"]["results"]
         for name, f in r.items():
@@ -75,23 +93,20 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 continue  # the floor, shown in its table
             streams = f["streams"]
             held = f["completed"] == streams and f["stalled_streams"] == 0
-            goals.append(_goal("W3", f"{streams} streams held, none stalled", name,
-                               f"{f['completed']}/{streams} completed, {f['stalled_streams']} stalled", held))
-            goals.append(_goal("W3", "≤ 30 KB relay memory per open stream", name, f["kb_per_stream"],
-                               f["kb_per_stream"] <= 30, "KB"))
+            add("W3", f"{streams} streams held, none stalled", name,
+                f"{f['completed']}/{streams} completed, {f['stalled_streams']} stalled", held)
+            add("W3", "≤ 20 KB relay memory per open stream", name, f["kb_per_stream"], f["kb_per_stream"] <= 20, "KB")
     if "W4" in w:
         for name, f in w["W4"]["results"].items():
             bounded = f["upstream_paced"] and f["kb_per_slow_stream"] <= 256
-            goals.append(_goal("W4", f"{f['readers']} slow readers: upstream paced, relay memory ≤ 256 KB each",
-                               name, f"+{f['kb_per_slow_stream']} KB per stream, upstream finished "
-                                     f"{f['upstream_finished']}", bounded))
+            add("W4", f"{f['readers']} slow readers: upstream paced, relay memory ≤ 256 KB each", name,
+                f"+{f['kb_per_slow_stream']} KB per stream, upstream finished {f['upstream_finished']}", bounded)
     if "W5" in w:
+        # Information, never graded: on 2 cores the load generator and the simulator take
+        # the core a second worker would need.
         p = w["W5"]["params"]
-        scaling = w["W5"]["scaling"]
-        enough = (p["cores"] or 1) >= p["workers"] + 2  # load generator and simulator need cores too
-        goals.append(_goal("W5", f"--workers {p['workers']}: W2 ≥ 1.6× one worker where the cores allow",
-                           "tokenrelay-text", scaling, (scaling or 0) >= 1.6 if enough else None, "×",
-                           {"cores": p["cores"]}))
+        goals.append(_goal("W5", f"--workers {p['workers']}: tokens/s against one worker (information)",
+                           "tokenrelay-text", w["W5"]["scaling"], None, "×", {"cores": p["cores"]}))
     return goals
 
 
@@ -118,15 +133,21 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _met(met: bool | None) -> str:
-    return {True: "✅ met", False: "❌ not met", None: "n/a"}[met]
+    return {True: "✅ met", False: "❌ not met", None: "—"}[met]
 
 
 def goals_table(results: dict[str, Any]) -> str:
-    lines = ["| workload | goal | route | result | | others in the same run |", "|---|---|---|---|---|---|"]
+    """One row per goal and route; a goal's wording and the other targets' figures are written
+    on its first row only, so the table reads as goal → tokenrelay's routes → the others."""
+    lines = ["| workload | goal | route | figure | | others in the same run |", "|---|---|---|---|---|---|"]
+    previous: tuple[str, str] | None = None
     for g in results.get("goals", []):
-        peers = ", ".join(f"{k} {_fmt(v)}" for k, v in g["peers"].items())
+        first = (g["workload"], g["goal"]) != previous
+        previous = (g["workload"], g["goal"])
+        peers = ", ".join(f"{k} {_fmt(v)}" for k, v in g["peers"].items()) if first else ""
         result = f"{_fmt(g['result'])} {g['unit']}".strip()
-        lines.append(f"| {g['workload']} | {g['goal']} | {g['target']} | {result} | {_met(g['met'])} | {peers} |")
+        workload, goal = (g["workload"], g["goal"]) if first else ("", "")
+        lines.append(f"| {workload} | {goal} | {g['target']} | {result} | {_met(g['met'])} | {peers} |")
     return "\n".join(lines)
 
 

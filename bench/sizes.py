@@ -46,7 +46,7 @@ FULL = Sizes(
     w0_rounds=300, w0_blocks=5, w0_tokens=1,
     w1_streams=50, w1_tokens=200, w1_interval=0.020, w1_waves=8,
     w2_tokens=1000, w2_concurrency=(1, 16, 64, 256), w2_seconds=3.0, w2_rounds=3,
-    w3_streams=(1000, 5000), w3_interval=0.5, w3_seconds=30.0, w3_rate=250.0,
+    w3_streams=(1000, 10_000), w3_interval=0.5, w3_seconds=30.0, w3_rate=250.0,
     w4_readers=100, w4_tokens=40_000, w4_seconds=8.0, w4_read_bytes=1024, w4_read_pause=0.1,
     w5_workers=2, w5_concurrency=64, w5_seconds=3.0,
 )
