@@ -177,6 +177,8 @@ class StreamResponse:
             # Our own cancellation (the client left or stalled, or a stop) ends the response;
             # any other (shutdown) goes on.
             if self._stopped_by is None or task.uncancel() > 0:
+                if record is not None and record.outcome == "completed":
+                    record.outcome = "shutdown"  # cancelled from outside: never "completed"
                 raise
             if self._stopped_by == "stopped" and not self._detached:
                 await self._say_stopped(send, started)
