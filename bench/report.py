@@ -101,6 +101,15 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             bounded = f["upstream_paced"] and f["kb_per_slow_stream"] <= 256
             add("W4", f"{f['readers']} slow readers: upstream paced, relay memory ≤ 256 KB each", name,
                 f"+{f['kb_per_slow_stream']} KB per stream, upstream finished {f['upstream_finished']}", bounded)
+        for name, f in w["W4"].get("stalled", {}).items():
+            # Counted from when the requests were written: the slack covers uploading their
+            # 6 MB questions and filling the kernel's buffers before the relay's writes wait.
+            in_time = (f["dropped"] == f["upstream_closed"] == f["readers"] and f["dropped_after_s"] is not None
+                       and f["dropped_after_s"] <= f["send_timeout_s"] + 3)
+            add("W4", f"{f['readers']} readers that never read: dropped after the send timeout "
+                      f"({f['send_timeout_s']:g} s), upstream closed", name,
+                f"{f['dropped']} dropped after {f['dropped_after_s']} s; RSS {f['relay_rss_idle_mb']} → "
+                f"{f['relay_rss_stalled_mb']} → {f['relay_rss_after_mb']} MB", in_time)
     if "W5" in w:
         # Information, never graded: on 2 cores the load generator and the simulator take
         # the core a second worker would need.
@@ -248,6 +257,15 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
             out.append(f"| {name} | {f['answer_kb']} | {f['tokens_read']} | {f['upstream_finished']} | "
                        f"{f['relay_rss_idle_mb']} → {f['relay_rss_peak_mb']} | {f['kb_per_slow_stream']} |")
         out.append("")
+        if w["W4"].get("stalled"):
+            out += [f"Readers that send their request and never read, against a relay with "
+                    f"TOKENRELAY_SEND_TIMEOUT={p.get('send_timeout', 0):g}:", "",
+                    "| route | readers | dropped | after s | upstream requests closed | relay RSS idle → stalled → after MB |",
+                    "|---|---|---|---|---|---|"]
+            for name, f in w["W4"]["stalled"].items():
+                out.append(f"| {name} | {f['readers']} | {f['dropped']} | {f['dropped_after_s']} | {f['upstream_closed']} | "
+                           f"{f['relay_rss_idle_mb']} → {f['relay_rss_stalled_mb']} → {f['relay_rss_after_mb']} |")
+            out.append("")
     if "W5" in w:
         p = w["W5"]["params"]
         out += [f"## W5 --workers scaling ({p['route']}, W2 at c={p['concurrency']}, {p['cores']} cores shared with "

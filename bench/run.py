@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import random
+import socket
 import statistics
 import subprocess
 import time
@@ -531,10 +532,84 @@ class Bench:
                 out[name] = await self._slow_readers(target, server, ask)
             self.log(f"  W4 {name}: relay +{out[name]['relay_rss_growth_mb']} MB for {s.w4_readers} slow readers,"
                      f" upstream finished {out[name]['upstream_finished']}")
+        stalled: dict[str, Any] = {}
+        if "tokenrelay-sse" in self.targets:
+            await self.settle(30)  # the slow readers' upstream streams end first: they are counted apart
+            stalled["tokenrelay-sse"] = await self._stalled_readers(self.targets["tokenrelay-sse"])
+            f = stalled["tokenrelay-sse"]
+            self.log(f"  W4 stalled readers: dropped {f['dropped']}/{f['readers']} after {f['dropped_after_s']} s "
+                     f"(send timeout {f['send_timeout_s']:g} s); RSS {f['relay_rss_idle_mb']} → "
+                     f"{f['relay_rss_stalled_mb']} → {f['relay_rss_after_mb']} MB")
         return {"params": {"readers": s.w4_readers, "tokens": s.w4_tokens, "model": ask.model,
                            "read": f"{s.w4_read_bytes} bytes every {s.w4_read_pause * 1000:g} ms, 4 KiB receive buffer",
-                           "seconds": s.w4_seconds},
-                "results": out}
+                           "seconds": s.w4_seconds, "send_timeout": s.w4_send_timeout},
+                "results": out, "stalled": stalled}
+
+    async def _stalled_readers(self, target: Target) -> dict[str, Any]:
+        """Readers that send their request, then never read a byte: each holds an upstream
+        request, its relay stream and a rate-limit slot until the send timeout drops it
+        (TOKENRELAY_SEND_TIMEOUT). Measured: how long until the simulator saw every one of
+        those upstream requests closed, and the relay's memory before, while and after."""
+        s = self.sizes
+        sim = self.servers["sim"]
+        readers = max(2, s.w4_readers // 25)
+        # The simulator echoes the question word by word: first two 3 MB words, more than the
+        # kernel buffers for a client that reads nothing (up to 4 MB of send buffer on
+        # loopback: a whole 50,000-token answer fits, and the relay would never wait on it;
+        # one word stays under the relay's 4 MiB cap on an upstream line), then short words at
+        # 100 a second, so the upstream is still writing when the reader is dropped.
+        ask = Ask(model="sim:echo,ttft=0,tps=100", question="x" * 3_000_000 + " " + "z" * 3_000_000 + " y" * 10_000,
+                  tokens=10_002, text_bytes=6_020_001)
+        server = start_tokenrelay(self.log_dir, sim.url + "/v1", name="tokenrelay-stalled",
+                                  extra_env={"TOKENRELAY_SEND_TIMEOUT": f"{s.w4_send_timeout:g}",
+                                             "TOKENRELAY_MAX_BODY_BYTES": "8000000"})
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            server.wait_ready()
+            warm = Target(target.name, server.url, target.wire)
+            await run_streams(warm, make_ask(ttft=0, tps=0, tokens=20), concurrency=4, per_worker=5)
+            await self.settle()
+            idle = server.rss()
+            cancelled_before = (await sim_stats(sim))["cancelled_streams"]
+            request = _raw_request(server.url, target.wire.path, target.wire.accept,
+                                   target.wire.body(ask.model, ask.question))
+            for _ in range(readers):
+                sock = socket.socket()
+                # A tiny receive window set before connecting: the relay's writes block at once.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+                _, writer = await asyncio.open_connection(sock=sock)
+                writer.write(request)
+                writers.append(writer)
+            stalled_at = time.monotonic()
+            # The relay's own log says when it dropped each one (outcome=client_stalled).
+            peak = server.rss()
+            dropped = closed = 0
+            dropped_after = None
+            while closed < readers and time.monotonic() < stalled_at + s.w4_send_timeout + 10:
+                peak = max(peak, server.rss())
+                await asyncio.sleep(0.05)
+                dropped = server.log_path.read_text(errors="replace").count("outcome=client_stalled")
+                if dropped == readers and dropped_after is None:
+                    dropped_after = time.monotonic() - stalled_at
+                # ... and the simulator, that each one's upstream request was closed.
+                closed = (await sim_stats(sim))["cancelled_streams"] - cancelled_before
+            after = server.rss()
+        finally:
+            for writer in writers:
+                writer.close()
+            server.stop()
+        return {
+            "readers": readers,
+            "send_timeout_s": s.w4_send_timeout,
+            "upstream_closed": closed,
+            "dropped": dropped,
+            "dropped_after_s": round(dropped_after, 2) if dropped_after is not None else None,
+            "relay_rss_idle_mb": round(idle / 2**20, 1),
+            "relay_rss_stalled_mb": round(peak / 2**20, 1),
+            "relay_rss_after_mb": round(after / 2**20, 1),
+        }
 
     async def _slow_readers(self, target: Target, server: Server, ask: Ask) -> dict[str, Any]:
         s = self.sizes
@@ -635,6 +710,12 @@ async def sim_stats(sim: Server) -> dict[str, int]:
     async with aiohttp.ClientSession() as session:
         async with session.get(sim.url + "/sim/stats") as resp:
             return dict(await resp.json())
+
+
+def _raw_request(url: str, path: str, accept: str, body: bytes) -> bytes:
+    host = url.split("://", 1)[1].rstrip("/")
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nAccept: {accept}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 def has_v1(url: str) -> bool:

@@ -35,6 +35,7 @@ class Sizes:
     w4_seconds: float
     w4_read_bytes: int
     w4_read_pause: float
+    w4_send_timeout: float  # the relay's TOKENRELAY_SEND_TIMEOUT for W4's readers that never read
     # W5: --workers scaling on W2
     w5_workers: int
     w5_concurrency: int
@@ -47,7 +48,7 @@ FULL = Sizes(
     w1_streams=50, w1_tokens=200, w1_interval=0.020, w1_waves=8,
     w2_tokens=1000, w2_concurrency=(1, 16, 64, 256), w2_seconds=3.0, w2_rounds=3,
     w3_streams=(1000, 10_000), w3_interval=0.5, w3_seconds=30.0, w3_rate=250.0,
-    w4_readers=100, w4_tokens=40_000, w4_seconds=8.0, w4_read_bytes=1024, w4_read_pause=0.1,
+    w4_readers=100, w4_tokens=40_000, w4_seconds=8.0, w4_read_bytes=1024, w4_read_pause=0.1, w4_send_timeout=5.0,
     w5_workers=2, w5_concurrency=64, w5_seconds=3.0,
 )
 
@@ -57,7 +58,7 @@ QUICK = Sizes(
     w1_streams=50, w1_tokens=100, w1_interval=0.020, w1_waves=1,
     w2_tokens=1000, w2_concurrency=(1, 16, 64), w2_seconds=1.5, w2_rounds=3,
     w3_streams=(1000,), w3_interval=0.5, w3_seconds=8.0, w3_rate=250.0,
-    w4_readers=50, w4_tokens=40_000, w4_seconds=4.0, w4_read_bytes=1024, w4_read_pause=0.1,
+    w4_readers=50, w4_tokens=40_000, w4_seconds=4.0, w4_read_bytes=1024, w4_read_pause=0.1, w4_send_timeout=3.0,
     w5_workers=2, w5_concurrency=64, w5_seconds=1.5,
 )
 
@@ -67,7 +68,7 @@ SMOKE = Sizes(
     w1_streams=6, w1_tokens=10, w1_interval=0.010, w1_waves=1,
     w2_tokens=200, w2_concurrency=(1, 4), w2_seconds=0.3, w2_rounds=1,
     w3_streams=(40,), w3_interval=0.1, w3_seconds=0.6, w3_rate=400.0,
-    w4_readers=4, w4_tokens=5_000, w4_seconds=0.6, w4_read_bytes=1024, w4_read_pause=0.05,
+    w4_readers=4, w4_tokens=5_000, w4_seconds=0.6, w4_read_bytes=1024, w4_read_pause=0.05, w4_send_timeout=1.0,
     w5_workers=2, w5_concurrency=4, w5_seconds=0.3,
 )
 
