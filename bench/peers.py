@@ -9,6 +9,7 @@ everything else; the simulator's options ride in the model name through both.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -22,7 +23,14 @@ from .procs import Server, free_port
 PEERS_DIR = Path(__file__).resolve().parent / ".peers"
 LITELLM_VENV = PEERS_DIR / "litellm-venv"
 PORTKEY_DIR = PEERS_DIR / "portkey"
-NAMES = ("portkey", "litellm")  # W2 measures them in this order; LiteLLM overruns its windows
+NAMES = ("portkey", "litellm-workers", "litellm")  # W2 measures them in this order; LiteLLM overruns its windows
+HOW = {
+    "litellm": "LiteLLM's proxy with --num_workers 1, the default of its CLI, as a first user starts it",
+    "litellm-workers": "LiteLLM's proxy as its production guide recommends for throughput: --num_workers = the "
+                       "machine's cores ({cores}), set_verbose off, LITELLM_LOG=ERROR, no database",
+    "portkey": "Portkey's gateway under node, one process (it has no worker option), @hono/node-server pinned",
+}
+"""How each peer was started, for the results: a peer's figures mean little without it."""
 LITELLM_SPEC = "litellm[proxy]"
 # The gateway's own dependency range lets npm pick the newest @hono/node-server, with which
 # every streamed answer fails ("TypeError: immutable", Portkey-AI/gateway#1389): the gateway
@@ -72,10 +80,11 @@ def install_portkey(log: Callable[[str], None]) -> Path:
     return entry
 
 
-def start_litellm(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -> tuple[Server, Target]:
+def start_litellm(log_dir: Path, *, upstream: str, log: Callable[[str], None], workers: int = 1,
+                  name: str = "litellm") -> tuple[Server, Target]:
     litellm = install_litellm(log)
     port = free_port()
-    config = log_dir / "litellm.yaml"
+    config = log_dir / f"{name}.yaml"
     # One wildcard route: "openai/<anything>" goes to the simulator with <anything> as the
     # model, so the simulator's options pass through in the model name.
     config.write_text(
@@ -87,16 +96,21 @@ def start_litellm(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -
         "      api_key: \"sk-bench\"\n"
         "litellm_settings:\n"
         "  drop_params: true\n"
+        "  set_verbose: false\n"
         "general_settings: {}\n"
     )
     key = "sk-" + secrets.token_hex(32)  # the proxy refuses to start without a strong master key
     env = {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_ADMIN_UI": "True",
            "NO_DOCS": "True", "NO_REDOC": "True", "LITELLM_MASTER_KEY": key}
-    server = Server("litellm", [str(litellm), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
-                                "--num_workers", "1"],
+    server = Server(name, [str(litellm), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
+                           "--num_workers", str(workers)],
                     port=port, log_dir=log_dir, ready_path="/health/liveliness", env=env, start_timeout=180)
-    return server, Target("litellm", server.url, OPENAI, headers=(("authorization", f"Bearer {key}"),),
+    return server, Target(name, server.url, OPENAI, headers=(("authorization", f"Bearer {key}"),),
                           model_prefix="openai/", option_sep=";")
+
+
+def start_litellm_workers(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -> tuple[Server, Target]:
+    return start_litellm(log_dir, upstream=upstream, log=log, workers=os.cpu_count() or 2, name="litellm-workers")
 
 
 def start_portkey(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -> tuple[Server, Target]:
@@ -112,11 +126,13 @@ def start_portkey(log_dir: Path, *, upstream: str, log: Callable[[str], None]) -
 def start_all(log_dir: Path, *, upstream: str, log: Callable[[str], None],
               notes: list[str]) -> list[tuple[Server, Target]]:
     started = []
-    for name, start in (("litellm", start_litellm), ("portkey", start_portkey)):
+    for name, start in (("litellm", start_litellm), ("litellm-workers", start_litellm_workers),
+                        ("portkey", start_portkey)):
         try:
             server, target = start(log_dir, upstream=upstream, log=log)
             server.wait_ready()
             started.append((server, target))
+            notes.append(f"{name}: " + HOW[name].format(cores=os.cpu_count()))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             notes.append(f"peer {name} not measured: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             log(f"  {name}: not measured ({exc})")

@@ -8,7 +8,7 @@ from typing import Any
 
 TOKENRELAY = ("tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1")
 OTHERS = ("nginx", "nginx+tokenrelay-sse", "nginx+tokenrelay-v1", "baseline-text", "baseline-v1", "litellm",
-          "portkey")
+          "litellm-workers", "portkey")
 
 
 def _get(d: dict[str, Any], *path: str) -> Any:
@@ -270,10 +270,12 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
         p = w["W5"]["params"]
         out += [f"## W5 --workers scaling ({p['route']}, W2 at c={p['concurrency']}, {p['cores']} cores shared with "
                 f"the load generator and the simulator; other load {w['W5']['other_cpu_cores']} cores)", "",
-                "| workers | processes | tokens/s | relay CPU % | simulator CPU % |", "|---|---|---|---|---|"]
+                f"Simulator: {p.get('sim_pinned') or 'not pinned'}.", "",
+                "| workers | processes | tokens/s | relay CPU s per million tokens | relay CPU % | simulator CPU % |",
+                "|---|---|---|---|---|---|"]
         for label, f in w["W5"]["results"].items():
-            out.append(f"| {label} | {f['processes']} | {f['tokens_per_s']:.0f} | {f['relay_cpu_pct']} | "
-                       f"{f['sim_cpu_pct']} |")
+            out.append(f"| {label} | {f['processes']} | {f['tokens_per_s']:.0f} | {f['cpu_s_per_mtok']} | "
+                       f"{f['relay_cpu_pct']} | {f['sim_cpu_pct']} |")
         out += ["", f"Scaling: {_fmt(w['W5']['scaling'])}×.", ""]
     out += ["## Commands", ""] + [f"- {name}: `{cmd}`" for name, cmd in results["commands"].items()] + [""]
     return "\n".join(out)

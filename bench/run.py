@@ -659,6 +659,7 @@ class Bench:
         out: dict[str, Any] = {}
         one = self.servers["tokenrelay"]
         multi = start_tokenrelay(self.log_dir, upstream, workers=s.w5_workers, name=f"tokenrelay-w{s.w5_workers}")
+        pinned = _pin(self.servers["sim"], 0)
         try:
             multi.wait_ready()
             self.results["commands"][multi.name] = multi.command()
@@ -670,10 +671,13 @@ class Bench:
                 self.log(f"  W5 workers={label}: {out[label]['tokens_per_s']:.0f} tokens/s")
         finally:
             multi.stop()
+            if pinned:
+                _pin(self.servers["sim"], None)
         base = out["1"]["tokens_per_s"]
         scaling = round(out[str(s.w5_workers)]["tokens_per_s"] / base, 3) if base else None
         return {"params": {"workers": s.w5_workers, "concurrency": s.w5_concurrency, "tokens": s.w2_tokens,
-                           "route": "tokenrelay-text", "cores": os.cpu_count(), "seconds_each": s.w5_seconds},
+                           "route": "tokenrelay-text", "cores": os.cpu_count(), "seconds_each": s.w5_seconds,
+                           "sim_pinned": pinned},
                 "results": out, "scaling": scaling}
 
 
@@ -710,6 +714,22 @@ async def sim_stats(sim: Server) -> dict[str, int]:
     async with aiohttp.ClientSession() as session:
         async with session.get(sim.url + "/sim/stats") as resp:
             return dict(await resp.json())
+
+
+def _pin(server: Server, core: int | None) -> str | None:
+    """Pin a server's processes to one core (None: every core again) so W5's workers share
+    the other cores only with the load generator; what was done, or None where the machine
+    does not allow it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    want = {cpus[core]} if core is not None else set(cpus)
+    try:
+        for pid in server.pids():
+            os.sched_setaffinity(pid, want)
+    except OSError:
+        return None
+    return f"pinned to core {cpus[core]}" if core is not None else None
 
 
 def _raw_request(url: str, path: str, accept: str, body: bytes) -> bytes:
