@@ -110,6 +110,21 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                       f"({f['send_timeout_s']:g} s), upstream closed", name,
                 f"{f['dropped']} dropped after {f['dropped_after_s']} s; RSS {f['relay_rss_idle_mb']} → "
                 f"{f['relay_rss_stalled_mb']} → {f['relay_rss_after_mb']} MB", in_time)
+    if w.get("W6", {}).get("results"):
+        r = w["W6"]
+        name = "tokenrelay-sse on Redis"
+        added = r["added_ttft_ms"]
+        if added is not None:
+            add("W6", "added median TTFT over the same route without Redis ≤ 0.5 ms", name, added, added <= 0.5, "ms")
+        if r["cpu_ratio"] is not None:
+            add("W6", "relay CPU per token ≤ 1.3× the same route without Redis, every concurrency (highest shown)",
+                name, r["cpu_ratio"], r["cpu_ratio"] <= 1.3, "×")
+        if r["redis_commands_per_piece"] is not None:
+            add("W6", "Redis commands per relayed piece ≤ 1 (highest shown)", name, r["redis_commands_per_piece"],
+                r["redis_commands_per_piece"] <= 1, "")
+        counts = r["redis_connections"]
+        add("W6", "Redis connections independent of the number of readers", name,
+            " → ".join(f"{n} readers: {c}" for n, c in counts.items()), len(set(counts.values())) == 1)
     if "W5" in w:
         # Information, never graded: on 2 cores the load generator and the simulator take
         # the core a second worker would need.
@@ -277,6 +292,25 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
             out.append(f"| {label} | {f['processes']} | {f['tokens_per_s']:.0f} | {f['cpu_s_per_mtok']} | "
                        f"{f['relay_cpu_pct']} | {f['sim_cpu_pct']} |")
         out += ["", f"Scaling: {_fmt(w['W5']['scaling'])}×.", ""]
+    if w.get("W6", {}).get("results"):
+        p = w["W6"]["params"]
+        r = w["W6"]["results"]
+        cs = [str(c) for c in p["concurrency"]]
+        out += [f"## W6 resumable streams on Redis (the SSE route on two fresh relays, its streams in memory and "
+                f"on a real redis-server; other load {w['W6']['other_cpu_cores']} cores)", "",
+                f"Time to first token: {p['pairs']} sequential pairs, the two relays alternating first. Latency "
+                f"under load: {p['w1']}, one wave. Throughput: {p['tokens']} tokens per stream with no delay, "
+                f"{p['seconds_each']:g} s at each concurrency.", "",
+                "| streams kept | TTFT p50 ms | under load: TTFT p99 ms, gap p99 ms | "
+                + " | ".join(f"c={c}: CPU s per million tokens · Redis commands per piece" for c in cs) + " |",
+                "|---|---|---|" + "---|" * len(cs)]
+        for k, f in r.items():
+            cells = [f"{_fmt(f[c]['cpu_s_per_mtok'], 1)} · {_fmt(f[c]['redis_commands_per_piece'], 3)}" for c in cs]
+            out.append(f"| {k} | {_fmt(f['ttft_ms_p50'], 3)} | {_fmt(f['w1']['ttft_ms']['p99'])}, "
+                       f"{_fmt(f['w1']['gap_ms']['p99'])} | " + " | ".join(cells) + " |")
+        counts = w["W6"]["redis_connections"]
+        out += ["", "Redis's connected clients while one stream runs, by readers attached to it: "
+                + ", ".join(f"{n} → {c}" for n, c in counts.items()) + ".", ""]
     out += ["## Commands", ""] + [f"- {name}: `{cmd}`" for name, cmd in results["commands"].items()] + [""]
     return "\n".join(out)
 

@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -34,13 +35,13 @@ from typing import Any
 import aiohttp
 import psutil
 
-from . import loadgen, nginx, peers
+from . import loadgen, nginx, peers, redis_proc
 from .loadgen import OPENAI, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile, run_streams, summarize
 from .procs import ROOT, Server, export_source, start_baseline, start_sim, start_tokenrelay
 from .sizes import Sizes
 
 QUESTION = "How does a relay stream an answer without holding it back?"
-WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5")
+WORKLOADS = ("W0", "W1", "W2", "W3", "W4", "W5", "W6")
 
 
 def make_ask(*, ttft: float, tps: float, tokens: int, question: str = QUESTION) -> Ask:
@@ -179,7 +180,8 @@ class Bench:
             "notes": self.notes,
         }
         await self._warm_up()
-        steps = {"W0": self.w0, "W1": self.w1, "W2": self.w2, "W3": self.w3, "W4": self.w4, "W5": self.w5}
+        steps = {"W0": self.w0, "W1": self.w1, "W2": self.w2, "W3": self.w3, "W4": self.w4, "W5": self.w5,
+                 "W6": self.w6}
         for name in self.only:
             self.log(f"{name} …")
             before = meter.snapshot()
@@ -679,6 +681,130 @@ class Bench:
                            "route": "tokenrelay-text", "cores": os.cpu_count(), "seconds_each": s.w5_seconds,
                            "sim_pinned": pinned},
                 "results": out, "scaling": scaling}
+
+
+    # W6: resumable streams on Redis ------------------------------------------------------
+
+    async def w6(self) -> dict[str, Any]:
+        """The same SSE route on two fresh relays, its streams kept in memory and on a real
+        redis-server (TOKENRELAY_REDIS_URL): what Redis adds to the first token, to the CPU
+        per token, in Redis commands per relayed piece, and whether Redis's connections grow
+        with the readers of a stream (they must not: one hub per stream per instance)."""
+        s = self.sizes
+        if not redis_proc.available():
+            self.notes.append("redis-server not installed: W6 not measured")
+            return {"params": {}, "results": {}}
+        upstream = self.servers["sim"].url + "/v1"
+        store = redis_proc.RedisProcess(self.log_dir)
+        relays = {"memory": start_tokenrelay(self.log_dir, upstream, name="tokenrelay-w6-memory"),
+                  "redis": start_tokenrelay(self.log_dir, upstream, name="tokenrelay-w6-redis",
+                                            # no job queue polling Redis beside the streams
+                                            extra_env={"TOKENRELAY_REDIS_URL": store.url,
+                                                       "TOKENRELAY_JOBS_IN_SERVE": "false"})}
+        try:
+            for relay in relays.values():
+                relay.wait_ready()
+                self.results["commands"][relay.name] = relay.command()
+            self.results["versions"]["redis-server"] = store.version()
+            targets = {k: Target(f"tokenrelay-sse ({k})", r.url, TR_SSE) for k, r in relays.items()}
+            for target in targets.values():
+                await run_streams(target, make_ask(ttft=0, tps=0, tokens=20), concurrency=4, per_worker=5)
+            await self.settle()
+            out: dict[str, Any] = {k: {} for k in relays}
+
+            # Time to first token: sequential pairs, the two relays alternating first.
+            one = make_ask(ttft=0, tps=0, tokens=s.w0_tokens)
+            ttft: dict[str, list[float]] = {k: [] for k in relays}
+            async with make_session() as session:
+                for i in range(s.w0_rounds):
+                    for k in (("memory", "redis") if i % 2 == 0 else ("redis", "memory")):
+                        result = await one_stream(session, targets[k], one, keep_gaps=False)
+                        if result.ok and result.ttft is not None:
+                            ttft[k].append(result.ttft)
+            for k in relays:
+                out[k]["ttft_ms_p50"] = ms(statistics.median(ttft[k])) if ttft[k] else None
+            added = _sub(out["redis"]["ttft_ms_p50"], out["memory"]["ttft_ms_p50"])
+
+            # Latency under load (W1's shape, one wave), as information.
+            paced = make_ask(ttft=0, tps=1 / s.w1_interval, tokens=s.w1_tokens)
+            for k in relays:
+                await self.settle()
+                figures = summarize(await run_streams(targets[k], paced, concurrency=s.w1_streams,
+                                                      deadline=s.w1_tokens * s.w1_interval * 4 + 30))
+                out[k]["w1"] = {"ttft_ms": figures["ttft_ms"], "gap_ms": figures["gap_ms"],
+                                "errors": figures["errors"]}
+
+            # CPU per token (W2's shape), and Redis's commands per piece the relay wrote.
+            flat = make_ask(ttft=0, tps=0, tokens=s.w2_tokens)
+            for c in s.w2_concurrency:
+                for k in relays:
+                    commands, log_at = store.commands(), relays[k].log_path.stat().st_size
+                    window = await self._throughput_window(targets[k], relays[k], flat, c, s.w2_seconds)
+                    figures = self._throughput_figures([window])
+                    pieces = _pieces_logged(relays[k].log_path, log_at)
+                    figures["pieces"] = pieces
+                    figures["redis_commands"] = store.commands() - commands
+                    figures["redis_commands_per_piece"] = (round(figures["redis_commands"] / pieces, 3)
+                                                           if pieces else None)
+                    out[k][str(c)] = figures
+                    self.log(f"  W6 {k} c={c}: {figures['cpu_s_per_mtok']} CPU s per million tokens, "
+                             f"{figures['redis_commands_per_piece']} Redis commands per piece")
+
+            connections = await self._redis_connections(targets["redis"], store)
+            self.log(f"  W6 Redis connections by readers of one stream: {connections}")
+        finally:
+            for relay in relays.values():
+                relay.stop()
+            store.stop()
+        ratios = [out["redis"][str(c)]["cpu_s_per_mtok"] / out["memory"][str(c)]["cpu_s_per_mtok"]
+                  for c in s.w2_concurrency
+                  if out["redis"][str(c)]["cpu_s_per_mtok"] and out["memory"][str(c)]["cpu_s_per_mtok"]]
+        per_piece = [out["redis"][str(c)]["redis_commands_per_piece"] for c in s.w2_concurrency]
+        return {"params": {"pairs": s.w0_rounds, "concurrency": list(s.w2_concurrency), "tokens": s.w2_tokens,
+                           "seconds_each": s.w2_seconds, "readers": list(s.w6_readers),
+                           "w1": f"{s.w1_streams} streams × {s.w1_tokens} tokens × {s.w1_interval * 1000:g} ms"},
+                "results": out,
+                "added_ttft_ms": added,
+                "cpu_ratio": round(max(ratios), 3) if len(ratios) == len(s.w2_concurrency) else None,
+                "redis_commands_per_piece": max((x for x in per_piece if x is not None), default=None),
+                "redis_connections": connections}
+
+    async def _redis_connections(self, target: Target, store: redis_proc.RedisProcess) -> dict[str, int]:
+        """Redis's connected clients while one stream runs, with 0 and then each number of
+        readers of it attached (``GET /api/streams/{id}``, each having read an event)."""
+        s = self.sizes
+        slow = make_ask(ttft=0, tps=20, tokens=400)
+        counts: dict[str, int] = {}
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            body = target.wire.body(slow.model, slow.question)
+            async with session.post(target.url + target.wire.path, data=body,
+                                    headers={"content-type": "application/json",
+                                             "accept": "text/event-stream"}) as asking:
+                stream_id = asking.headers["x-stream-id"]
+                await asking.content.readline()
+                counts["0"] = store.clients()
+                readers: list[aiohttp.ClientResponse] = []
+                try:
+                    for want in s.w6_readers:
+                        while len(readers) < want:
+                            reader = await session.get(f"{target.url}/api/streams/{stream_id}",
+                                                       headers={"accept": "text/event-stream"})
+                            await reader.content.readline()  # attached: it has its first event
+                            readers.append(reader)
+                        counts[str(want)] = store.clients()
+                finally:
+                    for reader in readers:
+                        reader.close()
+        return counts
+
+
+def _pieces_logged(log_path: Path, offset: int) -> int:
+    """The pieces (``chunks=``) of every answer a relay logged after byte ``offset``."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        tail = f.read().decode(errors="replace")
+    return sum(int(n) for n in re.findall(r" chunks=(\d+)", tail))
 
 
 async def _tracked_run(target: Target, ask: Ask, streams: int, stagger: float, deadline: float,

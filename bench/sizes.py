@@ -40,6 +40,9 @@ class Sizes:
     w5_workers: int
     w5_concurrency: int
     w5_seconds: float
+    # W6: resumable streams on Redis: W0's pairs, W1 and W2 with and without Redis, and
+    # Redis's connections with each number of readers of one stream
+    w6_readers: tuple[int, ...] = (10, 200)
 
 
 FULL = Sizes(
@@ -60,6 +63,7 @@ QUICK = Sizes(
     w3_streams=(1000,), w3_interval=0.5, w3_seconds=8.0, w3_rate=250.0,
     w4_readers=50, w4_tokens=40_000, w4_seconds=4.0, w4_read_bytes=1024, w4_read_pause=0.1, w4_send_timeout=3.0,
     w5_workers=2, w5_concurrency=64, w5_seconds=1.5,
+    w6_readers=(10, 100),
 )
 
 SMOKE = Sizes(
@@ -70,6 +74,7 @@ SMOKE = Sizes(
     w3_streams=(40,), w3_interval=0.1, w3_seconds=0.6, w3_rate=400.0,
     w4_readers=4, w4_tokens=5_000, w4_seconds=0.6, w4_read_bytes=1024, w4_read_pause=0.05, w4_send_timeout=1.0,
     w5_workers=2, w5_concurrency=4, w5_seconds=0.3,
+    w6_readers=(2, 8),
 )
 
 PRESETS = {s.name: s for s in (FULL, QUICK, SMOKE)}
