@@ -34,7 +34,7 @@ from .sizes import PRESETS
               help="Update the README's benchmark table.  [default: only for a full run into bench/results]")
 def main(size: str, peers: bool, before: tuple[str, ...], targets: str | None, only: str | None, out_dir: Path | None, readme: bool | None) -> None:
     """Measure what tokenrelay adds to a stream: against the simulator directly, nginx, a
-    minimal Starlette + httpx relay, and (--peers) LiteLLM and Portkey — workloads W0–W5."""
+    minimal Starlette + httpx relay, and (--peers) LiteLLM and Portkey — workloads W0–W6."""
     from .report import update_readme, write_all
     from .run import WORKLOADS, Bench
 

@@ -1,4 +1,4 @@
-"""One benchmark run: start the servers, run W0–W5 against every target, keep every figure.
+"""One benchmark run: start the servers, run W0–W6 against every target, keep every figure.
 
 Targets (what a stream goes through on its way from the simulator to the load generator):
 
