@@ -151,6 +151,12 @@ def start_tokenrelay(log_dir: Path, upstream: str, *, workers: int = 1, name: st
     return Server(name, args, port=port, log_dir=log_dir, env=env)
 
 
+def start_floor(log_dir: Path) -> Server:
+    port = free_port()
+    return Server("floor", [sys.executable, "-m", "bench.floor_app", "--port", str(port)], port=port, log_dir=log_dir,
+                  env=python_env())
+
+
 def start_baseline(log_dir: Path, upstream: str) -> Server:
     port = free_port()
     args = [sys.executable, "-m", "uvicorn", "bench.baseline_relay:app", "--port", str(port),

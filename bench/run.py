@@ -37,7 +37,7 @@ import psutil
 
 from . import loadgen, nginx, peers, redis_proc
 from .loadgen import OPENAI, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile, run_streams, summarize
-from .procs import ROOT, Server, export_source, start_baseline, start_sim, start_tokenrelay
+from .procs import ROOT, Server, export_source, start_baseline, start_floor, start_sim, start_tokenrelay
 from .sizes import Sizes
 
 QUESTION = "How does a relay stream an answer without holding it back?"
@@ -455,12 +455,21 @@ class Bench:
         # One relay route: opening thousands of streams is what costs here, and the routes
         # share it. Direct runs first at each size: whether the simulator and the load
         # generator hold that many streams themselves, on the same cores.
-        relays = ("direct", "tokenrelay-sse", *(f"@{ref}-sse" for ref in self.before))
+        # The floor: a bare uvicorn app writing the same kind of stream itself (bench/floor_app.py).
+        relays = ("direct", "floor", "tokenrelay-sse", *(f"@{ref}-sse" for ref in self.before))
         for streams in s.w3_streams:
-            for name in [n for n in relays if n in self.targets]:
+            for name in [n for n in relays if n in self.targets or n == "floor"]:
                 key = f"{name} ×{streams}"
                 if name == "direct":
                     out[key] = await self._many_streams(self.targets[name], self.servers["sim"], ask, streams)
+                elif name == "floor":
+                    floor = start_floor(self.log_dir)
+                    try:
+                        floor.wait_ready()
+                        self.results["commands"]["floor"] = floor.command()
+                        out[key] = await self._many_streams(Target("floor", floor.url, OPENAI), floor, ask, streams)
+                    finally:
+                        floor.stop()
                 else:
                     async with self.fresh_relay(name) as (server, target):
                         out[key] = await self._many_streams(target, server, ask, streams)
