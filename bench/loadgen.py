@@ -30,6 +30,7 @@ class Wire:
     """How one kind of endpoint is asked and read.
 
     ``openai``: ``/v1/chat/completions`` SSE (a token is a chunk with non-empty content);
+    ``responses``: ``/v1/responses`` SSE (a token is a ``response.output_text.delta`` event);
     ``tr-sse``: tokenrelay's SSE (a token is an ``id:`` event with ``{"text":…}``);
     ``text``: plain text (tokens are only known at the end: the expected count when the body
     arrived whole, with the expected length)."""
@@ -42,10 +43,13 @@ class Wire:
         data: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": question}]}
         if self.name == "openai":
             data["stream"] = True
+        elif self.name == "responses":
+            data = {"model": model, "input": question, "stream": True}
         return orjson.dumps(data)
 
 
 OPENAI = Wire("openai", "/v1/chat/completions", "text/event-stream")
+RESPONSES = Wire("responses", "/v1/responses", "text/event-stream")
 TR_SSE = Wire("tr-sse", "/api/get-response", "text/event-stream")
 TEXT = Wire("text", "/api/get-response", "*/*")
 
@@ -83,6 +87,17 @@ class _TokenEvents(_Events):
         # The role chunk carries "content":"" and the finish chunk no content at all.
         n = whole.count(b'"content":"')
         return n - whole.count(b'"content":""') if n else 0
+
+
+class _DeltaEvents(_Events):
+    """The Responses API's SSE: counts ``response.output_text.delta`` events. ``feed`` returns tokens."""
+
+    __slots__ = ()
+    counts_tokens = True
+
+    def feed(self, chunk: bytes) -> int:
+        whole = self._complete(chunk)
+        return whole.count(b"event: response.output_text.delta\n") if whole else 0
 
 
 class _TextEvents(_Events):
@@ -125,9 +140,11 @@ class _TextBytes:
         return len(chunk)
 
 
-def _counter(wire: Wire) -> _TokenEvents | _TextEvents | _TextBytes:
+def _counter(wire: Wire) -> _TokenEvents | _DeltaEvents | _TextEvents | _TextBytes:
     if wire.name == "openai":
         return _TokenEvents()
+    if wire.name == "responses":
+        return _DeltaEvents()
     if wire.name == "tr-sse":
         return _TextEvents()
     return _TextBytes()

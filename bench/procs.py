@@ -133,10 +133,10 @@ def python_env(src: Path | None = None) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(paths + ([old] if old else []))}
 
 
-def start_sim(log_dir: Path, *, name: str = "sim") -> Server:
+def start_sim(log_dir: Path, *, name: str = "sim", chat_only: bool = False) -> Server:
     port = free_port()
-    return Server(name, [sys.executable, "-m", "tokenrelay", "sim", "--port", str(port)], port=port,
-                  log_dir=log_dir, ready_path="/sim/stats", env=python_env())
+    args = [sys.executable, "-m", "tokenrelay", "sim", "--port", str(port), *(["--chat-only"] if chat_only else [])]
+    return Server(name, args, port=port, log_dir=log_dir, ready_path="/sim/stats", env=python_env())
 
 
 def start_tokenrelay(log_dir: Path, upstream: str, *, workers: int = 1, name: str = "tokenrelay",

@@ -6,6 +6,9 @@ Targets (what a stream goes through on its way from the simulator to the load ge
     tokenrelay-text    tokenrelay, POST /api/get-response, plain text
     tokenrelay-sse     tokenrelay, POST /api/get-response, Accept: text/event-stream
     tokenrelay-v1      tokenrelay, POST /v1/chat/completions (when the route exists)
+    tokenrelay-responses     tokenrelay, POST /v1/responses passed through (the simulator serves it)
+    tokenrelay-responses-tr  tokenrelay, POST /v1/responses translated to chat completions for an
+                       upstream that serves only those (a second simulator, ``--chat-only``)
     nginx              nginx with proxy_buffering off in front of the simulator: the class to aim at
     nginx+tokenrelay   the shipped deploy/nginx config in front of tokenrelay (when it exists)
     baseline-text      the original design's route (Starlette + httpx), decoding every delta
@@ -36,7 +39,8 @@ import aiohttp
 import psutil
 
 from . import loadgen, nginx, peers, redis_proc
-from .loadgen import OPENAI, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile, run_streams, summarize
+from .loadgen import (OPENAI, RESPONSES, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile,
+                      run_streams, summarize)
 from .procs import ROOT, Server, export_source, start_baseline, start_floor, start_sim, start_tokenrelay
 from .sizes import Sizes
 
@@ -123,6 +127,15 @@ class Bench:
             self._add("tokenrelay-v1", tr.url, OPENAI, "tokenrelay")
         else:
             self.notes.append("tokenrelay has no /v1/chat/completions route in this build: tokenrelay-v1 not measured")
+        if has_route(tr.url, "/v1/responses"):
+            self._add("tokenrelay-responses", tr.url, RESPONSES, "tokenrelay")
+            chat_sim = start_sim(self.log_dir, name="sim-chat-only", chat_only=True)
+            self.servers[chat_sim.name] = chat_sim.wait_ready()
+            translating = start_tokenrelay(self.log_dir, chat_sim.url + "/v1", name="tokenrelay-translating")
+            self.servers[translating.name] = translating.wait_ready()
+            self._add("tokenrelay-responses-tr", translating.url, RESPONSES, translating.name)
+        else:
+            self.notes.append("tokenrelay has no /v1/responses route in this build: tokenrelay-responses not measured")
         if "nginx" in self.servers:
             self._add("nginx", self.servers["nginx"].url, OPENAI, "nginx")
         else:
@@ -874,12 +887,17 @@ def _raw_request(url: str, path: str, accept: str, body: bytes) -> bytes:
 
 
 def has_v1(url: str) -> bool:
-    """Whether this tokenrelay serves ``POST /v1/chat/completions`` (an empty body is refused
-    with 4xx by the route, and 404/405 without it)."""
+    """Whether this tokenrelay serves ``POST /v1/chat/completions``."""
+    return has_route(url, "/v1/chat/completions")
+
+
+def has_route(url: str, path: str) -> bool:
+    """Whether this tokenrelay serves ``POST path`` (an empty body is refused with 4xx by the
+    route, and 404/405 without it)."""
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url + "/v1/chat/completions", data=b"{}", method="POST",
+    req = urllib.request.Request(url + path, data=b"{}", method="POST",
                                  headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=5):

@@ -34,7 +34,8 @@ def test_bench_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert results["machine"]["cores"] >= 1 and results["versions"]["tokenrelay"]
     w = results["workloads"]
     assert set(w) == {"W0", "W1", "W2", "W3", "W4", "W5"}
-    for name in ("direct", "tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1", "baseline-text", "baseline-v1"):
+    for name in ("direct", "tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1", "tokenrelay-responses",
+                 "tokenrelay-responses-tr", "baseline-text", "baseline-v1"):
         assert w["W0"]["results"][name]["errors"] == 0
         assert _positive(w["W0"]["results"][name]["ttft_ms"]["p50"])
         w1 = w["W1"]["results"][name]

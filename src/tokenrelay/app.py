@@ -30,6 +30,7 @@ from .routes.info import healthz, info
 from .routes.jobs import create_job, delete_job, get_job, stream_job
 from .routes.openai import chat_completions, list_models
 from .routes.probe import probe
+from .routes.responses import cancel_response, create_response, retrieve_response
 from .routes.stream import get_response
 from .routes.streams import delete_stream, get_stream
 from .resume.registry import Streams
@@ -111,6 +112,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/streams/{stream_id}", delete_stream, methods=["DELETE"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", retrieve_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", cancel_response, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", state.metrics.endpoint, methods=["GET"]),

@@ -246,10 +246,13 @@ def fast_server() -> dict[str, Any]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same answers.")
 @click.option("--fault", default=None,
               help="Fault for every request: error-before, error-mid, stall, malformed, http-429, http-500.")
+@click.option("--chat-only", is_flag=True,
+              help="Serve no /v1/responses, as an upstream that has only chat completions.")
 @click.option("--log-level", default="warning", show_default=True)
 def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, fault: str | None,
-        log_level: str) -> None:
-    """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions), and as
+        chat_only: bool, log_level: str) -> None:
+    """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions and
+    POST /v1/responses), and as
     Anthropic's Messages API (POST /v1/messages, which like Anthropic's needs the headers
     x-api-key, any value, and anthropic-version: 2023-06-01).
 
@@ -284,7 +287,8 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
     setup_logging(log_level)
     _check_port(host, port)
     click.echo(f"simulator on http://{host}:{port}/v1", err=True)
-    uvicorn.Server(uvicorn.Config(create_sim_app(defaults), host=host, port=port, log_config=None,
+    app = create_sim_app(defaults, responses=not chat_only)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
                                   **fast_server())).run()
 
 

@@ -70,7 +70,7 @@ log = logging.getLogger("tokenrelay.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-STREAM_PATHS = frozenset({"/api/get-response", "/v1/chat/completions"})
+STREAM_PATHS = frozenset({"/api/get-response", "/v1/chat/completions", "/v1/responses"})
 """Counted from each stream's ``StreamRecord`` and by the error handlers, never by the
 middleware."""
 

@@ -26,6 +26,10 @@ class OpenAICompatible:
     def __init__(self, *, base_url: str, api_key: str | None, client: UpstreamClient, label: str) -> None:
         self.url = URL(base_url.rstrip("/") + "/chat/completions")
         self.models_url = URL(base_url.rstrip("/") + "/models")
+        self.responses_url = URL(base_url.rstrip("/") + "/responses")
+        self.serves_responses: bool | None = None
+        """Whether the upstream serves the Responses API itself: unknown until a request tried
+        it; False after it answered 404 (``routes.responses`` then translates to chat completions)."""
         self.label = label
         self._client = client
         self._headers = dict(SSE_REQUEST_HEADERS)
@@ -60,6 +64,10 @@ class OpenAICompatible:
         The body is read by the caller (``async for``), who must close the response. Any
         other status is read, closed and raised as the matching ``UpstreamError``."""
         return await self._client.post_stream(self.url, body, self._headers if stream else self._whole_headers)
+
+    async def send_responses(self, body: bytes, *, stream: bool) -> UpstreamResponse:
+        """Send a ``/v1/responses`` body as it is (see ``send``)."""
+        return await self._client.post_stream(self.responses_url, body, self._headers if stream else self._whole_headers)
 
     async def models(self) -> list[str]:
         """The upstream's own model list (``GET …/models``); empty when it has none."""

@@ -2,6 +2,7 @@
 
 Routes: ``POST /v1/chat/completions`` (stream or not, ``stream_options.include_usage``, tool
 calls), ``POST /v1/messages`` (Anthropic's Messages API, see ``anthropic_server``),
+``POST /v1/responses`` (OpenAI's Responses API, see ``responses_server``; not with ``--chat-only``),
 ``GET /v1/models``, and ``GET /sim/stats`` — how many streams are open, finished and
 cancelled by their client, which is how tests prove that a departed browser really stopped
 the model. Options per request ride in the model name (see ``options``) or in an
@@ -15,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from starlette.applications import Starlette
@@ -29,7 +31,7 @@ from ..streaming.openai_chunks import DONE, ChunkEncoder
 from ..streaming.relay import collect
 from ..routes.endpoint import Endpoint
 from ..streaming.response import Body, Headers, StreamResponse
-from . import anthropic_server
+from . import anthropic_server, responses_server
 from .options import MODELS, SimOptions
 from .provider import Simulator
 
@@ -59,9 +61,12 @@ class SimAnswer:
     wire, counted in ``SimStats`` as completed, cancelled by its client, or failed."""
 
     def __init__(self, *, sim: Simulator, chat: ChatRequest, model: str, stream: bool,
-                 include_usage: bool, stats: SimStats, anthropic: bool = False) -> None:
+                 include_usage: bool, stats: SimStats, anthropic: bool = False,
+                 responses: dict[str, Any] | None = None) -> None:
         self.sim, self.chat, self.model = sim, chat, model
         self.anthropic = anthropic
+        self.responses = responses
+        """The request's fields a Response repeats, for a ``/v1/responses`` answer."""
         self.stream, self.include_usage, self.stats = stream, include_usage, stats
         self.id = "chatcmpl-sim" + format(stats.total_streams, "x")
         self.created = int(time.time())
@@ -81,7 +86,10 @@ class SimAnswer:
         except BaseException:
             self._count("failed")
             raise
-        if self.anthropic:
+        if self.responses is not None:
+            body = (responses_server.stream_events if self.stream else responses_server.whole_response)(
+                self, deltas, self.responses)
+        elif self.anthropic:
             body = (anthropic_server.stream_messages if self.stream else anthropic_server.whole_message)(self, deltas)
         else:
             body = self._stream(deltas) if self.stream else self._whole(deltas)
@@ -145,13 +153,23 @@ class SimAnswer:
         self.complete = True
 
 
+def _with_header_options(model: str, request: Request) -> str:
+    """The model name with the ``X-Sim-Options`` header's options added to its own."""
+    extra = request.headers.get("x-sim-options")
+    if not extra:
+        return model
+    base, _, spec = model.partition(":")
+    return base + ":" + ",".join(filter(None, (spec, extra)))
+
+
 async def _client_left(request: Request, exc: Exception) -> Response:
     """The answer to a client that left before its request arrived whole: nobody reads it,
     and it is not the simulator's error (nginx's 499)."""
     return Response(status_code=499)
 
 
-def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
+def create_sim_app(defaults: SimOptions | None = None, *, responses: bool = True) -> Starlette:
+    """The simulator's app; ``responses=False`` serves no ``/v1/responses`` (a chat-completions-only upstream)."""
     sim = Simulator(defaults)
     stats = SimStats()
 
@@ -160,15 +178,21 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
         data = parse_json_object(raw)
         chat = chat_from_openai(data)
         model = chat.model or "sim"
-        extra = request.headers.get("x-sim-options")
-        if extra:
-            base, _, spec = model.partition(":")
-            model = base + ":" + ",".join(filter(None, (spec, extra)))
+        model = _with_header_options(model, request)
         sim.defaults.with_model(model)  # refuse unknown options here, as a 400
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
         stream = bool(data.get("stream", False))
         return SimAnswer(sim=sim, chat=chat, model=model, stream=stream, include_usage=include_usage,
                          stats=stats).response()
+
+    async def create_response(request: Request) -> StreamResponse:
+        """OpenAI's Responses API (``responses_server``)."""
+        data = parse_json_object(await request.body())
+        chat, echo = responses_server.chat_from_responses(data)
+        model = _with_header_options(chat.model or "sim", request)
+        sim.defaults.with_model(model)
+        return SimAnswer(sim=sim, chat=chat, model=model, stream=bool(data.get("stream", False)),
+                         include_usage=False, stats=stats, responses=echo).response()
 
     async def messages(request: Request) -> Response | StreamResponse:
         """Anthropic's Messages API (``anthropic_server``)."""
@@ -204,13 +228,16 @@ def create_sim_app(defaults: SimOptions | None = None) -> Starlette:
         app.state.stats = stats
         yield
 
+    routes = [
+        Route("/v1/chat/completions", Endpoint(completions), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/messages", Endpoint(messages), methods=["POST"]),
+        Route("/sim/stats", sim_stats, methods=["GET"]),
+    ]
+    if responses:
+        routes.append(Route("/v1/responses", Endpoint(create_response), methods=["POST"]))
     return Starlette(
-        routes=[
-            Route("/v1/chat/completions", Endpoint(completions), methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/messages", Endpoint(messages), methods=["POST"]),
-            Route("/sim/stats", sim_stats, methods=["GET"]),
-        ],
+        routes=routes,
         exception_handlers={TokenrelayError: error, ClientDisconnect: _client_left},
         lifespan=lifespan,
     )
