@@ -172,7 +172,7 @@ def test_page_headers_favicon_and_body_limit(relay_server) -> None:
 
 def test_each_markdown_construct_appears_while_streaming(open_chat) -> None:
     chat = open_chat()
-    msg = chat.ask(MARKDOWN, model=echo(tps=60))
+    msg = chat.ask(MARKDOWN, model=echo(tps=40))
     # Polled every frame in the page: when each construct first showed, and in which state.
     seen = chat.page.evaluate(
         """async (constructs) => {
