@@ -23,7 +23,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
 
-# The official openai Node SDK for tests/test_v1_node.py, exactly as its lockfile says.
+# The Node packages the tests use (the openai SDK, axe-core for the page), exactly as the lockfile says.
 (cd tests/node && npm ci --no-audit --no-fund --silent)
 
 exec .venv/bin/python -m pytest "$@"

@@ -229,7 +229,8 @@ def test_markup_in_answer_is_rendered_as_text(chat: Chat):
     assert XSS in text.text_content()
     assert XSS in chat.page.locator("#conversation .msg.user .text").last.text_content()
     expect(chat.page.locator("#conversation img")).to_have_count(0)
-    assert msg.locator(".text").evaluate("e => e.children.length") == 0
+    # Rendered as Markdown: one paragraph of text, no element made from the markup.
+    assert msg.locator(".text").evaluate("e => [...e.querySelectorAll('*')].map((n) => n.tagName)") == ["P"]
     # Give any injected image time to fail loading: a probe image with the
     # same broken source must report its error, and by then nothing fired.
     chat.page.evaluate(
@@ -314,7 +315,8 @@ def test_sse_parsing_crlf_comments_and_multiline_data(chat: Chat):
     )
     msg = chat.ask("hello")
     expect(msg).to_have_attribute("data-state", "done")
-    assert msg.locator(".text").text_content() == "line one\nline two"
+    # The answer is Markdown: its line break is a <br>, read back as a newline.
+    assert msg.locator(".text").inner_text() == "line one\nline two"
     expect(msg.locator(".model-tag")).to_have_text("mock-model")
     stats = msg.locator(".stats")
     expect(stats).to_contain_text("first token")

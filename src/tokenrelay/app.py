@@ -9,13 +9,9 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
-from importlib import resources
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from .auth import load_keys
 from .config import Settings
@@ -29,6 +25,7 @@ from .routes.health import Readiness, readyz
 from .routes.info import healthz, info
 from .routes.jobs import create_job, delete_job, get_job, stream_job
 from .routes.openai import chat_completions, list_models
+from .routes.page import PageFiles, favicon, index
 from .routes.probe import probe
 from .routes.responses import cancel_response, create_response, retrieve_response
 from .routes.stream import get_response
@@ -39,11 +36,6 @@ from .state import AppState
 from .upstreams import upstream_views
 
 log = logging.getLogger("tokenrelay")
-WEB_DIR = resources.files("tokenrelay") / "web"
-
-
-async def _index(request: Request) -> Response:
-    return FileResponse(str(WEB_DIR / "index.html"), headers={"cache-control": "no-cache"})
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -100,7 +92,8 @@ def create_app(settings: Settings) -> Starlette:
             await state.provider.aclose()
 
     routes = [
-        Route("/", _index, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/api/get-response", get_response, methods=["POST"]),
         Route("/api/info", info, methods=["GET"]),
         Route("/api/jobs", create_job, methods=["POST"]),
@@ -118,7 +111,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", state.metrics.endpoint, methods=["GET"]),
-        Mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static"),
+        Mount("/static", PageFiles(), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state = state

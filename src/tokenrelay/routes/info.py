@@ -26,6 +26,8 @@ async def info(request: Request) -> JSONResponse:
             "version": __version__,
             # Public, so the page knows to ask for a key before its first request.
             "auth_required": bool(state.keys),
+            # The largest request body accepted: the page trims old turns to stay under it.
+            "max_body_bytes": settings.max_body_bytes,
         }
     )
 
