@@ -1,4 +1,4 @@
-"""A real TCP proxy on loopback that cuts one connection after N bytes of its answer.
+"""A real TCP proxy on loopback that cuts connections after N bytes of their answer.
 
 It stands for a network that drops a stream midway (a phone switching networks, a proxy
 restarting): the client gets exactly ``cut_after`` bytes of the first answer, then the
@@ -7,6 +7,10 @@ passes untouched, so a client that reconnects gets through::
 
     with Cutter(relay.url, cut_after=300) as cutter:
         ask(cutter.url, ...)
+
+``cut_after`` may be a list: the n-th connection is cut after its n-th number of bytes (0:
+closed before any answer), those beyond the list pass. ``reroute`` sends every connection
+after the first to another server, as a load balancer may send a reconnect elsewhere.
 """
 
 from __future__ import annotations
@@ -19,16 +23,13 @@ from urllib.parse import urlsplit
 
 
 class Cutter:
-    def __init__(self, upstream_url: str, *, cut_after: int, cuts: int = 1) -> None:
-        parts = urlsplit(upstream_url)
-        assert parts.hostname and parts.port, upstream_url
-        self.upstream = (parts.hostname, parts.port)
-        self.cut_after = cut_after
-        self.cuts_left = cuts
+    def __init__(self, upstream_url: str, *, cut_after: int | list[int], reroute: str | None = None) -> None:
+        self.upstream = _address(upstream_url)
+        self.reroute = _address(reroute) if reroute else self.upstream
+        self.limits = list(cut_after) if isinstance(cut_after, list) else [cut_after]
         self.cut_count = 0
         self.connections = 0
         self._lock = threading.Lock()
-        self._cut_done = threading.Event()
         cutter = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -45,24 +46,23 @@ class Cutter:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def wait_cut(self, timeout: float = 10.0) -> bool:
-        return self._cut_done.wait(timeout)
-
     def _serve(self, client: socket.socket) -> None:
         with self._lock:
+            index = self.connections
             self.connections += 1
-            cut = self.cuts_left > 0
-            if cut:
-                self.cuts_left -= 1
-        upstream = socket.create_connection(self.upstream, timeout=30)
+        limit = self.limits[index] if index < len(self.limits) else None
+        try:
+            upstream = socket.create_connection(self.upstream if index == 0 else self.reroute, timeout=30)
+        except OSError:  # nothing listens there: the client sees its connection closed
+            client.close()
+            return
         try:
             upward = threading.Thread(target=_pump, args=(client, upstream, None), daemon=True)
             upward.start()
-            _pump(upstream, client, self.cut_after if cut else None)
-            if cut:
+            sent = _pump(upstream, client, limit)
+            if limit is not None and sent >= limit:
                 with self._lock:
                     self.cut_count += 1
-                self._cut_done.set()
         finally:
             for sock in (client, upstream):
                 try:
@@ -83,8 +83,15 @@ class Cutter:
         self.close()
 
 
-def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
-    """Copy ``source`` to ``sink`` until either side closes, or after ``limit`` bytes."""
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port, url
+    return parts.hostname, parts.port
+
+
+def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> int:
+    """Copy ``source`` to ``sink`` until either side closes, or after ``limit`` bytes; how
+    many bytes it copied."""
     sent = 0
     try:
         while limit is None or sent < limit:
@@ -100,3 +107,4 @@ def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+    return sent

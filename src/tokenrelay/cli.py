@@ -292,7 +292,9 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
 @click.argument("question", required=False)
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="TOKENRELAY_URL",
               help="The tokenrelay service (env TOKENRELAY_URL).")
-@click.option("--sse", is_flag=True, help="Use Server-Sent Events instead of plain text.")
+# Answers always come as Server-Sent Events now (they carry the ids a resume needs); the flag
+# stays so that scripts written for it keep working.
+@click.option("--sse", is_flag=True, hidden=True)
 @click.option("--model", default=None, help="Model to ask (default: the service's).")
 @click.option("--system", default=None, help="A system message to send first.")
 @click.option("-v", "--verbose", is_flag=True, help="Print time to first token and tokens/s to stderr.")
@@ -305,8 +307,10 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
         verbose: bool, key: str | None, job: bool, webhook_url: str | None) -> None:
     """Ask a question; print the answer as it arrives.
 
-    The question is read from stdin when not given. Exits 1 with a message when the service
-    refuses or the stream fails midway, 130 on Ctrl-C (which also stops the model).
+    The question is read from stdin when not given. A dropped connection is resumed where it
+    broke off (one line on stderr says so), with nothing printed twice. Exits 1 with a message
+    when the service refuses, the stream fails midway or cannot be resumed, 130 on Ctrl-C
+    (which also stops the model).
 
     With --job the question becomes a job: the answer is printed when it is complete, and
     the job's id goes to stderr; Ctrl-C stops waiting but not the job.
@@ -336,7 +340,7 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
     answer = _Answer(url.rstrip("/"), key, out)
     previous = signal.signal(signal.SIGINT, answer.stop_and_leave)
     try:
-        stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
+        stats = stream_answer(url.rstrip("/") + "/api/get-response", body, write=out.write,
                               flush=out.flush, key=key, on_stream=answer.started)
     except AskFailed as exc:
         out.end_line()  # a partial answer's last line ends before the error on stderr
