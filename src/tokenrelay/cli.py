@@ -369,13 +369,18 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
               help="Seconds between ticks; raise it on a link whose latency jitters more than that.")
 @click.option("--key", default=None, envvar="TOKENRELAY_API_KEY",
               help="Client key, for a tokenrelay that requires one (env TOKENRELAY_API_KEY).")
+@click.option("--resume", is_flag=True,
+              help="Also check that a dropped stream resumes through the proxy (asks the model a short "
+                   "question: spends a few tokens).")
+@click.option("--model", default=None, help="With --resume: the model to ask (default: the service's).")
 def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, proxy: str | None, ticks: int,
-           interval: float, key: str | None) -> None:
+           interval: float, key: str | None, resume: bool, model: str | None) -> None:
     """Check that a deployed tokenrelay streams through whatever is in front of it.
 
     \b
       tokenrelay doctor https://chat.example.com/
       tokenrelay doctor https://chat.example.com/ --direct http://10.0.0.5:8000 --idle 90
+      tokenrelay doctor https://chat.example.com/ --resume
 
     URL is where users reach tokenrelay (a path prefix is fine). doctor asks its probe route
     (GET /api/probe: timed ticks, no model call, no tokens spent) for a plain-text and an SSE
@@ -385,6 +390,12 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     hops that the headers name, and for every problem the fix for the proxy it detected
     (nginx, ingress-nginx, Caddy, HAProxy, Cloudflare, AWS; generic advice otherwise).
 
+    With --resume it also starts a short answer, drops its connection after a few events and
+    resumes it (GET /api/streams/{id} with Last-Event-ID): OK when nothing is missing or
+    repeated and the model went on meanwhile; FAILED with the fix otherwise (a proxy that
+    drops Last-Event-ID, a reconnect that reached another instance without Redis, a resume
+    grace of 0).
+
     \b
     Exit status: 0 streams fine, 1 a problem was found, 2 unreachable.
     """
@@ -392,8 +403,13 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
 
     if not as_json:
         extra = f", then {idle:g} s of silence" if idle else ""
+        if resume:
+            extra += ", then a dropped stream resumed"
         click.echo(f"probing {url} (about {2 * (ticks - 1) * interval:.0f} s{extra})…", err=True)
-    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval, key=key)
+    if model and not resume:
+        raise click.UsageError("--model is for --resume")
+    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval, key=key,
+                      resume=resume, model=model)
     if as_json:
         click.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:
