@@ -11,6 +11,8 @@ passes untouched, so a client that reconnects gets through::
 ``cut_after`` may be a list: the n-th connection is cut after its n-th number of bytes (0:
 closed before any answer), those beyond the list pass. ``reroute`` sends every connection
 after the first to another server, as a load balancer may send a reconnect elsewhere.
+``stall``: a cut connection is not closed but goes silent (a dead network path, a frozen
+proxy), until the cutter closes.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from urllib.parse import urlsplit
 
 
 class Cutter:
-    def __init__(self, upstream_url: str, *, cut_after: int | list[int], reroute: str | None = None) -> None:
+    def __init__(self, upstream_url: str, *, cut_after: int | list[int], reroute: str | None = None,
+                 stall: bool = False) -> None:
         self.upstream = _address(upstream_url)
         self.reroute = _address(reroute) if reroute else self.upstream
         self.limits = list(cut_after) if isinstance(cut_after, list) else [cut_after]
+        self.stall = stall
+        self._closing = threading.Event()
         self.cut_count = 0
         self.connections = 0
         self._lock = threading.Lock()
@@ -63,6 +68,8 @@ class Cutter:
             if limit is not None and sent >= limit:
                 with self._lock:
                     self.cut_count += 1
+                if self.stall:  # the connection stays open, silent: only a read timeout notices
+                    self._closing.wait()
         finally:
             for sock in (client, upstream):
                 try:
@@ -72,6 +79,7 @@ class Cutter:
                 sock.close()
 
     def close(self) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
 

@@ -252,3 +252,20 @@ def test_ask_says_clearly_when_the_answer_is_gone(relay_server: RelayServer,
     assert result.exit_code == 1
     assert "connection lost after event" in result.stderr
     assert "cannot resume the answer after event" in result.stderr and "404 not_found" in result.stderr
+
+
+def test_ask_resumes_a_connection_that_went_silent(relay_server: RelayServer, monkeypatch) -> None:
+    """No reset, no close: the connection just stops bringing anything (a dead path). The
+    read timeout notices it (heartbeats keep a live SSE connection from going this silent)."""
+    from cutter import Cutter
+
+    import tokenrelay.ask
+
+    monkeypatch.setattr(tokenrelay.ask, "READ_TIMEOUT", 1.0)
+    whole = ask(relay_server, "--model", LONG, "a story on a bad network")
+    with Cutter(relay_server.url, cut_after=900, stall=True) as cutter:
+        result = CliRunner().invoke(cli, ["ask", "--url", cutter.url, "--model", LONG, "a story on a bad network"],
+                                    catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == whole.stdout
+    assert re.search(r"connection lost after event \d+ \(no data for too long\); resuming…", result.stderr)

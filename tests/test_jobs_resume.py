@@ -154,3 +154,28 @@ def test_a_job_whose_pieces_are_gone_resumes_with_a_reset(sim_server: SimServer,
         assert events[1][1] == "4"
         # From the start, the whole text is an ordinary piece.
         assert text_of(follow(second, job_id)) == text
+
+
+def test_the_sqlite_store_keeps_ended_pieces_within_its_bounds(tmp_path, monkeypatch) -> None:
+    """The last ENDED_FEEDS ended jobs, and ENDED_FEED_CHARS of their text, the oldest given up first."""
+    import asyncio
+
+    from tokenrelay.jobs import store as jobs_store
+
+    monkeypatch.setattr(jobs_store, "ENDED_FEEDS", 2)
+    monkeypatch.setattr(jobs_store, "ENDED_FEED_CHARS", 11)
+
+    async def run() -> list[list[str]]:
+        store = jobs_store.SQLiteJobStore(tmp_path)
+        try:
+            for job_id, text in (("a", "x"), ("b", "y"), ("c", "z"), ("d", "0123456789")):
+                await store.live_start(job_id)
+                await store.live_append(job_id, text)
+                await store.live_end(job_id, jobs_store.FollowEvent("done", data={}))
+            # No records were written: a job whose pieces are given up is followed as unknown.
+            return [[event.text async for event in store.follow(job_id) if event.kind == "text"]
+                    for job_id in "abcd"]
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(run()) == [[], [], ["z"], ["0123456789"]]

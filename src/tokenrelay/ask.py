@@ -77,7 +77,7 @@ def _say(line: str) -> None:
 
 
 def stream_answer(url: str, body: dict[str, Any], *, write: Callable[[str], Any], flush: Callable[[], Any],
-                  timeout: float = READ_TIMEOUT, key: str | None = None, announce: Callable[[str], Any] = _say,
+                  timeout: float | None = None, key: str | None = None, announce: Callable[[str], Any] = _say,
                   on_stream: Callable[[str], Any] | None = None, retries: int = RETRIES) -> AskStats:
     """POST ``body`` to ``url`` (``…/api/get-response``) as SSE, writing the answer's text as
     it arrives.
@@ -89,10 +89,12 @@ def stream_answer(url: str, body: dict[str, Any], *, write: Callable[[str], Any]
 
     A connection that drops before the answer's end (reset, closed, silent for ``timeout``)
     is resumed: ``announce`` gets one line saying so, and ``GET /api/streams/{id}`` with
-    ``Last-Event-ID`` brings the events after the last one written, so the text written is
+    ``Last-Event-ID`` brings the events after the last one written (``timeout`` defaults to
+    ``READ_TIMEOUT``), so the text written is
     the uninterrupted answer's. ``retries`` attempts in a row, with a doubling backoff, then
     ``AskFailed`` naming the stream, which can still be resumed by hand (docs/resume.md)."""
     base = url.removesuffix(ANSWER_PATH)
+    timeout = READ_TIMEOUT if timeout is None else timeout
     if "model" not in body:
         choice = choose_model(base, key=key)
         if choice.model is not None:

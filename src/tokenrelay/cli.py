@@ -338,10 +338,15 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
         raise click.UsageError("--webhook-url needs --job")
     out = _AnswerOut(sys.stdout)
     answer = _Answer(url.rstrip("/"), key, out)
+
+    def note(line: str) -> None:
+        # On a terminal, a note mid-answer would otherwise go on the answer's unfinished line.
+        click.echo(("\n" if out.started and sys.stderr.isatty() else "") + line, err=True)
+
     previous = signal.signal(signal.SIGINT, answer.stop_and_leave)
     try:
         stats = stream_answer(url.rstrip("/") + "/api/get-response", body, write=out.write,
-                              flush=out.flush, key=key, on_stream=answer.started)
+                              flush=out.flush, key=key, on_stream=answer.started, announce=note)
     except AskFailed as exc:
         out.end_line()  # a partial answer's last line ends before the error on stderr
         raise click.ClickException(str(exc)) from None

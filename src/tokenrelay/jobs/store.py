@@ -40,6 +40,8 @@ ENDED_FEEDS = 256
 after the end (a browser's EventSource, with Last-Event-ID) is numbered as before."""
 ENDED_FEED_TTL = 3600.0
 """How long an ended job's pieces are kept: as long as the Redis store keeps them."""
+ENDED_FEED_CHARS = 16 << 20
+"""Characters of text those ended jobs keep together at most, the oldest given up first."""
 
 
 class StoreBusy(Exception):
@@ -142,7 +144,8 @@ class SQLiteJobStore:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenrelay-sqlite")
         self._db: sqlite3.Connection | None = None
         self._feeds: dict[str, _Feed] = {}
-        self._ended: OrderedDict[str, tuple[float, _Feed]] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[float, _Feed, int]] = OrderedDict()
+        self._ended_chars = 0
         try:
             self._thread.submit(self._open).result()
         except BaseException:
@@ -239,7 +242,7 @@ class SQLiteJobStore:
     # --- live text: in memory, since in this mode the serving process runs the job ---
 
     async def live_start(self, job_id: str) -> None:
-        self._ended.pop(job_id, None)
+        self._forget_ended(job_id)
         old = self._feeds.get(job_id)
         self._feeds[job_id] = feed = _Feed()
         if old is not None:
@@ -261,16 +264,24 @@ class SQLiteJobStore:
         if feed is not None:
             feed.end = event
             feed.notify()
-            self._ended[job_id] = (time.monotonic(), feed)
-            while len(self._ended) > ENDED_FEEDS:
-                self._ended.popitem(last=False)
+            self._forget_ended(job_id)
+            chars = sum(map(len, feed.pieces))
+            self._ended[job_id] = (time.monotonic(), feed, chars)
+            self._ended_chars += chars
+            while self._ended and (len(self._ended) > ENDED_FEEDS or self._ended_chars > ENDED_FEED_CHARS):
+                self._forget_ended(next(iter(self._ended)))
+
+    def _forget_ended(self, job_id: str) -> None:
+        kept = self._ended.pop(job_id, None)
+        if kept is not None:
+            self._ended_chars -= kept[2]
 
     def _ended_feed(self, job_id: str) -> _Feed | None:
         kept = self._ended.get(job_id)
         if kept is None:
             return None
         if time.monotonic() - kept[0] > ENDED_FEED_TTL:
-            del self._ended[job_id]
+            self._forget_ended(job_id)
             return None
         return kept[1]
 
