@@ -5,6 +5,7 @@ stream, or where leaving stops the model."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import orjson
@@ -25,8 +26,9 @@ def test_resume_passes_against_tokenrelay_itself(relay_server: RelayServer) -> N
     result = doctor(relay_server.url, "--resume", "--model", "sim:ttft=0,tps=100,tokens=40")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "resume       OK         3 events read, connection dropped, resumed with Last-Event-ID: events 4–40, " \
-           "then done" in out
+    # (how many events the 40 tokens make depends on how the relay's reads fall)
+    assert re.search(r"resume       OK         3 events read, connection dropped, resumed with Last-Event-ID: "
+                     r"events 4–\d+, then done", out), out
     assert "no gap, no duplicate, and the model went on while nobody read" in out
     assert "Result: OK — " in out and "streams, and a dropped stream resumes." in out
 

@@ -87,12 +87,12 @@ def stream_answer(url: str, body: dict[str, Any], *, write: Callable[[str], Any]
     which, and which upstream answers it. ``on_stream`` is told the answer's stream id (what
     ``DELETE /api/streams/{id}`` stops) as soon as it starts.
 
-    A connection that drops before the answer's end (reset, closed, silent for ``timeout``)
-    is resumed: ``announce`` gets one line saying so, and ``GET /api/streams/{id}`` with
-    ``Last-Event-ID`` brings the events after the last one written (``timeout`` defaults to
-    ``READ_TIMEOUT``), so the text written is
-    the uninterrupted answer's. ``retries`` attempts in a row, with a doubling backoff, then
-    ``AskFailed`` naming the stream, which can still be resumed by hand (docs/resume.md)."""
+    A connection that drops before the answer's end (reset, closed, silent for ``timeout``,
+    ``READ_TIMEOUT`` by default) is resumed: ``announce`` gets one line saying so, and
+    ``GET /api/streams/{id}`` with ``Last-Event-ID`` brings the events after the last one
+    written, so the text written is the uninterrupted answer's. ``retries`` attempts in a
+    row, with a doubling backoff, then ``AskFailed`` naming the stream, which can still be
+    resumed by hand (docs/resume.md)."""
     base = url.removesuffix(ANSWER_PATH)
     timeout = READ_TIMEOUT if timeout is None else timeout
     if "model" not in body:

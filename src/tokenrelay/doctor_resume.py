@@ -138,7 +138,7 @@ def check_resume(base: str, *, key: str | None = None, model: str | None = None,
                 if check.ending is None or not check.ok:
                     # Do not leave the model writing an answer nobody reads.
                     client.delete(site_url(base, f"/api/streams/{check.stream_id}"), headers=auth)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ValueError) as exc:  # ValueError: an event that is not tokenrelay's JSON
         check.outcome = "error"
         check.detail = f"{type(exc).__name__}: {exc}"
     return check
