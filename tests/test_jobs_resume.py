@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from browser import launch
 from cutter import Cutter
+from playwright.sync_api import Browser
 from servers import RelayServer, SimServer, wait_until
 from streams import chat
 
@@ -110,32 +110,6 @@ def test_a_bad_cursor_is_a_422(client: httpx.Client, value: str) -> None:
     assert response.json()["error"]["message"].startswith("after:")
 
 
-def test_chromium_eventsource_reconnects_without_duplicating_text(relay: RelayServer, client: httpx.Client) -> None:
-    job_id = submit(client, "sim:ttft=0,tps=10,tokens=80")
-    with Cutter(relay.url, cut_after=600) as cutter:
-        browser_gen = launch()
-        browser = next(browser_gen)
-        try:
-            page = browser.new_page()
-            page.goto(relay.url + "/")
-            page.evaluate("""([url]) => {
-                window.got = {ids: [], text: "", ended: null, errors: 0};
-                const source = new EventSource(url);
-                source.onmessage = (e) => { window.got.ids.push(Number(e.lastEventId));
-                                            window.got.text += JSON.parse(e.data).text; };
-                source.onerror = () => { window.got.errors += 1; };
-                source.addEventListener("done", () => { window.got.ended = "done"; source.close(); });
-            }""", [f"{cutter.url}/api/jobs/{job_id}/stream"])
-            page.wait_for_function("window.got.ended !== null", timeout=30_000)
-            got = page.evaluate("window.got")
-        finally:
-            next(browser_gen, None)
-        assert cutter.cut_count == 1 and cutter.connections >= 2
-    assert got["errors"] >= 1  # the cut was seen, and EventSource reconnected by itself
-    assert got["ids"] == list(range(1, len(got["ids"]) + 1))
-    assert got["text"] == result_text(client, job_id)
-
-
 def test_a_job_whose_pieces_are_gone_resumes_with_a_reset(sim_server: SimServer, tmp_path,
                                                             start_relay: Callable[..., RelayServer]) -> None:
     """After a restart the SQLite store has the job's text but not its pieces: a follower
@@ -179,3 +153,30 @@ def test_the_sqlite_store_keeps_ended_pieces_within_its_bounds(tmp_path, monkeyp
             await store.aclose()
 
     assert asyncio.run(run()) == [[], [], ["z"], ["0123456789"]]
+
+
+# Last: the module's Chromium keeps an event loop in this thread until the module ends,
+# and the test above runs one of its own.
+def test_chromium_eventsource_reconnects_without_duplicating_text(relay: RelayServer, client: httpx.Client,
+                                                                  browser: Browser) -> None:
+    job_id = submit(client, "sim:ttft=0,tps=10,tokens=80")
+    with Cutter(relay.url, cut_after=600) as cutter:
+        page = browser.new_page()
+        try:
+            page.goto(relay.url + "/")
+            page.evaluate("""([url]) => {
+                window.got = {ids: [], text: "", ended: null, errors: 0};
+                const source = new EventSource(url);
+                source.onmessage = (e) => { window.got.ids.push(Number(e.lastEventId));
+                                            window.got.text += JSON.parse(e.data).text; };
+                source.onerror = () => { window.got.errors += 1; };
+                source.addEventListener("done", () => { window.got.ended = "done"; source.close(); });
+            }""", [f"{cutter.url}/api/jobs/{job_id}/stream"])
+            page.wait_for_function("window.got.ended !== null", timeout=30_000)
+            got = page.evaluate("window.got")
+        finally:
+            page.close()
+        assert cutter.cut_count == 1 and cutter.connections >= 2
+    assert got["errors"] >= 1  # the cut was seen, and EventSource reconnected by itself
+    assert got["ids"] == list(range(1, len(got["ids"]) + 1))
+    assert got["text"] == result_text(client, job_id)
