@@ -31,6 +31,7 @@ from servers import free_port, stop_process, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NGINX_CONF = DEPLOY / "nginx" / "tokenrelay.conf"
+NGINX_MULTI_CONF = DEPLOY / "nginx" / "tokenrelay-multi.conf"
 CADDYFILE = DEPLOY / "caddy" / "Caddyfile"
 HAPROXY_CFG = DEPLOY / "haproxy" / "haproxy.cfg"
 
@@ -182,14 +183,41 @@ def nginx_site(upstream_url: str, *, port: int, variant: str = "shipped", read_t
     return conf
 
 
+def nginx_multi_site(upstream_urls: list[str], *, port: int, balance: str | None = None) -> str:
+    """The shipped several-instances site file, pointed at ``upstream_urls`` (as many as the
+    file has ``CHANGE`` server lines; more are added alike) and listening on ``port``.
+    ``balance``: another balancing directive than the shipped ``least_conn`` ("" for round
+    robin), for tests that need to know which instance a request reaches."""
+    conf = NGINX_MULTI_CONF.read_text()
+    servers = re.findall(r"^\s*server 127\.0\.0\.1:800\d (.*);\s*# CHANGE.*$", conf, flags=re.MULTILINE)
+    if len(servers) < 2:
+        raise AssertionError("shipped multi-instance config no longer has its CHANGE server lines")
+    lines = "".join(f"    server {_host_port(url)} {servers[0]};\n" for url in upstream_urls)
+    conf = _replace(conf, r"^\s*server 127\.0\.0\.1:8001 .*\n(\s*server 127\.0\.0\.1:8002 .*\n)", lines,
+                    what="the instances' addresses")
+    if balance is not None:
+        conf = _replace(conf, r"^(\s*)least_conn;", rf"\g<1>{balance}", what="least_conn")
+    return _replace(conf, r"^(\s*)listen 80;", rf"\g<1>listen 127.0.0.1:{port};", what="listen 80")
+
+
+def start_nginx_multi(upstream_urls: list[str], *, balance: str | None = None) -> Proxy:
+    """nginx running the shipped several-instances site file in front of ``upstream_urls``."""
+    port = free_port()
+    return _run_nginx(nginx_multi_site(upstream_urls, port=port, balance=balance), port=port)
+
+
 def start_nginx(upstream_url: str, *, variant: str = "shipped", read_timeout: float | None = None,
                 extra: str = "") -> Proxy:
     """nginx running the shipped site file (or a ``variant`` of it) in front of ``upstream_url``."""
+    port = free_port()
+    return _run_nginx(nginx_site(upstream_url, port=port, variant=variant, read_timeout=read_timeout, extra=extra),
+                      port=port)
+
+
+def _run_nginx(site: str, *, port: int) -> Proxy:
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-nginx-"))
     (workdir / "logs").mkdir()
-    port = free_port()
-    (workdir / "tokenrelay.conf").write_text(
-        nginx_site(upstream_url, port=port, variant=variant, read_timeout=read_timeout, extra=extra))
+    (workdir / "tokenrelay.conf").write_text(site)
     # The frame a distribution's nginx.conf gives a site file, with every path in workdir.
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must read the 0700 workdir
     main = f"""{user}worker_processes 1;

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
@@ -47,14 +50,12 @@ def test_ask_verbose_reports_timing_on_stderr(relay_server: RelayServer) -> None
 
 @pytest.mark.parametrize("sse", [False, True])
 def test_ask_fails_loudly_when_the_stream_breaks(relay_server: RelayServer, sse: bool) -> None:
+    # ask always reads SSE now (``--sse`` is kept for old scripts): the error event says why.
     result = ask(relay_server, *(["--sse"] if sse else []), "--model", "sim:fault=error-mid,tps=0,tokens=10", "hi")
     assert result.exit_code == 1
     assert result.stdout  # what arrived is still shown
-    if sse:  # the error event says why
-        assert "the stream failed midway: upstream_error" in result.stderr
-    else:  # a plain-text body cannot say why: plain words, and where to find the reason
-        assert "the answer broke off midway and is incomplete; ask again with --sse" in result.stderr
-        assert "peer closed" not in result.stderr
+    assert "the stream failed midway: upstream_error" in result.stderr
+    assert "resuming" not in result.stderr  # an answer that failed is not a lost connection
 
 
 def test_ask_reports_a_refusal(relay_server: RelayServer) -> None:
@@ -179,3 +180,92 @@ def test_help_explains_every_command() -> None:
     serve_help = CliRunner().invoke(cli, ["serve", "--help"]).output
     for option in ("--host", "--port", "--config", "TOKENRELAY_UPSTREAM_URL", "OPENAI_API_KEY"):
         assert option in serve_help
+
+
+# --- resuming a dropped connection (a real TCP proxy that cuts it: tests/cutter.py) ----------
+
+LONG = "sim:ttft=0,tps=100,tokens=120"
+
+
+def test_ask_resumes_a_cut_connection_with_no_duplicate_and_no_gap(relay_server: RelayServer) -> None:
+    from cutter import Cutter
+
+    whole = ask(relay_server, "--model", LONG, "tell me a long story")
+    assert whole.exit_code == 0, whole.output
+    with Cutter(relay_server.url, cut_after=900) as cutter:
+        result = CliRunner().invoke(cli, ["ask", "--url", cutter.url, "--model", LONG, "tell me a long story"],
+                                    catch_exceptions=False)
+        assert cutter.cut_count == 1 and cutter.connections >= 2
+    assert result.exit_code == 0, result.output
+    assert result.stdout == whole.stdout
+    notes = [line for line in result.stderr.splitlines() if "connection lost" in line]
+    assert len(notes) == 1, result.stderr
+    assert re.fullmatch(r"connection lost after event \d+ \(.+\); resuming…", notes[0]), notes[0]
+    assert int(notes[0].split()[4]) > 0  # it was cut midway, not before the first piece
+
+
+def test_ask_resumes_again_after_a_second_cut(relay_server: RelayServer) -> None:
+    from cutter import Cutter
+
+    whole = ask(relay_server, "--model", LONG, "a story cut twice")
+    with Cutter(relay_server.url, cut_after=[900, 700]) as cutter:
+        result = CliRunner().invoke(cli, ["ask", "--url", cutter.url, "--model", LONG, "a story cut twice"],
+                                    catch_exceptions=False)
+        assert cutter.cut_count == 2
+    assert result.exit_code == 0, result.output
+    assert result.stdout == whole.stdout
+    assert result.stderr.count("connection lost after event") == 2
+
+
+def test_ask_gives_up_after_bounded_retries_naming_the_stream(relay_server: RelayServer, monkeypatch) -> None:
+    from cutter import Cutter
+
+    import tokenrelay.ask
+
+    monkeypatch.setattr(tokenrelay.ask, "BACKOFF", 0.01)
+    # The first connection is cut midway; every reconnect is closed before any answer.
+    with Cutter(relay_server.url, cut_after=[900] + [0] * 10) as cutter:
+        result = CliRunner().invoke(cli, ["ask", "--url", cutter.url, "--model", "sim:ttft=0,tps=20,tokens=200",
+                                          "hi"], catch_exceptions=False)
+        assert cutter.connections == 1 + tokenrelay.ask.RETRIES
+    assert result.exit_code == 1
+    assert result.stdout  # what arrived is shown, its line ended
+    assert f"{tokenrelay.ask.RETRIES} attempts to resume failed" in result.stderr
+    stream_id = re.search(r"/api/streams/([\w-]+) ", result.stderr)
+    assert stream_id, result.stderr
+    # ... and the answer is indeed still there to be resumed by hand.
+    status = httpx.get(f"{relay_server.url}/api/streams/{stream_id[1]}", headers={"accept": "application/json"})
+    assert status.status_code == 200 and status.json()["status"] in ("running", "completed")
+    httpx.delete(f"{relay_server.url}/api/streams/{stream_id[1]}")
+
+
+def test_ask_says_clearly_when_the_answer_is_gone(relay_server: RelayServer,
+                                                  start_relay: Callable[..., RelayServer]) -> None:
+    """A reconnect that reaches another instance without shared streams (no Redis): 404,
+    said as such, exit 1."""
+    from cutter import Cutter
+
+    other = start_relay(upstream=None)
+    with Cutter(relay_server.url, cut_after=900, reroute=other.url) as cutter:
+        result = CliRunner().invoke(cli, ["ask", "--url", cutter.url, "--model", "sim:ttft=0,tps=50,tokens=200",
+                                          "hi"], catch_exceptions=False)
+    assert result.exit_code == 1
+    assert "connection lost after event" in result.stderr
+    assert "cannot resume the answer after event" in result.stderr and "404 not_found" in result.stderr
+
+
+def test_ask_resumes_a_connection_that_went_silent(relay_server: RelayServer, monkeypatch) -> None:
+    """No reset, no close: the connection just stops bringing anything (a dead path). The
+    read timeout notices it (heartbeats keep a live SSE connection from going this silent)."""
+    from cutter import Cutter
+
+    import tokenrelay.ask
+
+    monkeypatch.setattr(tokenrelay.ask, "READ_TIMEOUT", 1.0)
+    whole = ask(relay_server, "--model", LONG, "a story on a bad network")
+    with Cutter(relay_server.url, cut_after=900, stall=True) as cutter:
+        result = CliRunner().invoke(cli, ["ask", "--url", cutter.url, "--model", LONG, "a story on a bad network"],
+                                    catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == whole.stdout
+    assert re.search(r"connection lost after event \d+ \(no data for too long\); resuming…", result.stderr)

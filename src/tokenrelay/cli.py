@@ -296,7 +296,9 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
 @click.argument("question", required=False)
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, envvar="TOKENRELAY_URL",
               help="The tokenrelay service (env TOKENRELAY_URL).")
-@click.option("--sse", is_flag=True, help="Use Server-Sent Events instead of plain text.")
+# Answers always come as Server-Sent Events now (they carry the ids a resume needs); the flag
+# stays so that scripts written for it keep working.
+@click.option("--sse", is_flag=True, hidden=True)
 @click.option("--model", default=None, help="Model to ask (default: the service's).")
 @click.option("--system", default=None, help="A system message to send first.")
 @click.option("-v", "--verbose", is_flag=True, help="Print time to first token and tokens/s to stderr.")
@@ -309,8 +311,10 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
         verbose: bool, key: str | None, job: bool, webhook_url: str | None) -> None:
     """Ask a question; print the answer as it arrives.
 
-    The question is read from stdin when not given. Exits 1 with a message when the service
-    refuses or the stream fails midway, 130 on Ctrl-C (which also stops the model).
+    The question is read from stdin when not given. A dropped connection is resumed where it
+    broke off (one line on stderr says so), with nothing printed twice. Exits 1 with a message
+    when the service refuses, the stream fails midway or cannot be resumed, 130 on Ctrl-C
+    (which also stops the model).
 
     With --job the question becomes a job: the answer is printed when it is complete, and
     the job's id goes to stderr; Ctrl-C stops waiting but not the job.
@@ -338,10 +342,15 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
         raise click.UsageError("--webhook-url needs --job")
     out = _AnswerOut(sys.stdout)
     answer = _Answer(url.rstrip("/"), key, out)
+
+    def note(line: str) -> None:
+        # On a terminal, a note mid-answer would otherwise go on the answer's unfinished line.
+        click.echo(("\n" if out.started and sys.stderr.isatty() else "") + line, err=True)
+
     previous = signal.signal(signal.SIGINT, answer.stop_and_leave)
     try:
-        stats = stream_answer(url.rstrip("/") + "/api/get-response", body, sse=sse, write=out.write,
-                              flush=out.flush, key=key, on_stream=answer.started)
+        stats = stream_answer(url.rstrip("/") + "/api/get-response", body, write=out.write,
+                              flush=out.flush, key=key, on_stream=answer.started, announce=note)
     except AskFailed as exc:
         out.end_line()  # a partial answer's last line ends before the error on stderr
         raise click.ClickException(str(exc)) from None
@@ -369,13 +378,18 @@ def ask(question: str | None, url: str, sse: bool, model: str | None, system: st
               help="Seconds between ticks; raise it on a link whose latency jitters more than that.")
 @click.option("--key", default=None, envvar="TOKENRELAY_API_KEY",
               help="Client key, for a tokenrelay that requires one (env TOKENRELAY_API_KEY).")
+@click.option("--resume", is_flag=True,
+              help="Also check that a dropped stream resumes through the proxy (asks the model a short "
+                   "question: spends a few tokens).")
+@click.option("--model", default=None, help="With --resume: the model to ask (default: the service's).")
 def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, proxy: str | None, ticks: int,
-           interval: float, key: str | None) -> None:
+           interval: float, key: str | None, resume: bool, model: str | None) -> None:
     """Check that a deployed tokenrelay streams through whatever is in front of it.
 
     \b
       tokenrelay doctor https://chat.example.com/
       tokenrelay doctor https://chat.example.com/ --direct http://10.0.0.5:8000 --idle 90
+      tokenrelay doctor https://chat.example.com/ --resume
 
     URL is where users reach tokenrelay (a path prefix is fine). doctor asks its probe route
     (GET /api/probe: timed ticks, no model call, no tokens spent) for a plain-text and an SSE
@@ -385,6 +399,12 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
     hops that the headers name, and for every problem the fix for the proxy it detected
     (nginx, ingress-nginx, Caddy, HAProxy, Cloudflare, AWS; generic advice otherwise).
 
+    With --resume it also starts a short answer, drops its connection after a few events and
+    resumes it (GET /api/streams/{id} with Last-Event-ID): OK when nothing is missing or
+    repeated and the model went on meanwhile; FAILED with the fix otherwise (a proxy that
+    drops Last-Event-ID, a reconnect that reached another instance without Redis, a resume
+    grace of 0).
+
     \b
     Exit status: 0 streams fine, 1 a problem was found, 2 unreachable.
     """
@@ -392,8 +412,13 @@ def doctor(url: str, direct: str | None, idle: float | None, as_json: bool, prox
 
     if not as_json:
         extra = f", then {idle:g} s of silence" if idle else ""
+        if resume:
+            extra += ", then a dropped stream resumed"
         click.echo(f"probing {url} (about {2 * (ticks - 1) * interval:.0f} s{extra})…", err=True)
-    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval, key=key)
+    if model and not resume:
+        raise click.UsageError("--model is for --resume")
+    report = diagnose(url, direct=direct, idle=idle, proxy=proxy, ticks=ticks, interval=interval, key=key,
+                      resume=resume, model=model)
     if as_json:
         click.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
     else:

@@ -25,6 +25,8 @@ import httpx
 import orjson
 
 from . import __version__
+from .doctor_resume import ResumeCheck, check_resume
+from .doctor_resume import describe as describe_resume
 from .providers.sse_decoder import SSEDecoder
 
 Mode = Literal["text", "sse"]
@@ -606,6 +608,7 @@ class Report:
     direct_url: str | None = None
     direct: list[Probe] = field(default_factory=list)
     direct_unreachable: str | None = None
+    resume: ResumeCheck | None = None
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -634,12 +637,14 @@ class Report:
                 "unreachable_reason": self.direct_unreachable,
                 "probes": [p.to_dict() for p in self.direct],
             } if self.direct_url else None,
+            "resume": self.resume.to_dict() if self.resume else None,
             "findings": [asdict(f) for f in self.findings],
         }
 
 
 def diagnose(url: str, *, direct: str | None = None, idle: float | None = None, proxy: str | None = None,
-             ticks: int = TICKS, interval: float = INTERVAL, key: str | None = None) -> Report:
+             ticks: int = TICKS, interval: float = INTERVAL, key: str | None = None, resume: bool = False,
+             model: str | None = None) -> Report:
     report = Report(url=url)
     try:
         report.probes = [run_probe(url, mode, ticks=ticks, interval=interval, key=key) for mode in ("text", "sse")]
@@ -673,6 +678,11 @@ def diagnose(url: str, *, direct: str | None = None, idle: float | None = None, 
             report.findings.append(Finding("problem", "direct_unreachable", f"No answer from {direct}: {exc}."))
         else:
             report.findings.extend(_compare(report.probes, report.direct, direct))
+    if resume:
+        report.resume = check_resume(url, key=key, model=model)
+        message, fixes = describe_resume(report.resume)
+        severity: Literal["problem", "note"] = "note" if report.resume.ok else "problem"
+        report.findings.append(Finding(severity, f"resume_{report.resume.outcome}", message, fixes))
     return report
 
 
@@ -810,6 +820,8 @@ def render(report: Report) -> str:
         lines.append(f"  {'direct ' + _COLUMN[probe.mode].split()[-1]:<13}{_summary(probe)}")
     if report.direct_unreachable:
         lines.append(f"  direct       UNREACHABLE  {report.direct_unreachable}")
+    if report.resume:
+        lines.append(f"  resume       {_resume_summary(report.resume)}")
     problems = [f for f in report.findings if f.severity == "problem"]
     notes = [f for f in report.findings if f.severity == "note"]
     if notes:
@@ -821,7 +833,8 @@ def render(report: Report) -> str:
         lines += [f"  fix ({proxy}): {fix}" for fix in finding.fixes]
     lines.append("")
     if report.exit_code == 0:
-        lines.append(f"Result: OK — {report.url} streams.")
+        resumes = ", and a dropped stream resumes" if report.resume else ""
+        lines.append(f"Result: OK — {report.url} streams{resumes}.")
     elif report.exit_code == 2:
         lines.append("Result: unreachable (exit 2).")
     else:
@@ -838,3 +851,12 @@ def _summary(probe: Probe) -> str:
     return (f"{verdict:<10} {len(probe.ticks)}/{probe.expected_ticks} ticks arrived over "
             f"{probe.arrival_spread:.2f} s (sent over {probe.sent_spread:.2f} s); longest hold-back "
             f"{probe.holdback:.2f} s; first byte {first}; compression {enc}")
+
+
+def _resume_summary(check: ResumeCheck) -> str:
+    read = f"{len(check.first_ids)} events read, connection dropped"
+    if check.ok:
+        resumed = (f"events {check.resumed_ids[0]}–{check.resumed_ids[-1]}" if check.resumed_ids
+                   else "no further events")
+        return f"{'OK':<10} {read}, resumed with Last-Event-ID: {resumed}, then {check.ending}"
+    return f"{'FAILED':<10} {read}: {check.outcome.replace('_', ' ')}"

@@ -20,6 +20,8 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,15 @@ Change = Callable[[Job], "Job | None"]
 """A change to a job: the new record, or None to leave it as it is (it is in another state)."""
 
 
+ENDED_FEEDS = 256
+"""Ended jobs whose pieces the SQLite store keeps, so that a follower that reconnects just
+after the end (a browser's EventSource, with Last-Event-ID) is numbered as before."""
+ENDED_FEED_TTL = 3600.0
+"""How long an ended job's pieces are kept: as long as the Redis store keeps them."""
+ENDED_FEED_CHARS = 16 << 20
+"""Characters of text those ended jobs keep together at most, the oldest given up first."""
+
+
 class StoreBusy(Exception):
     """Another tokenrelay process owns this data directory."""
 
@@ -44,6 +55,9 @@ class FollowEvent:
     kind: str  # "text" | "done" | "error"
     text: str = ""
     data: dict[str, Any] | None = None
+    whole: bool = False
+    """The whole text of an ended job whose pieces are no longer kept: one piece where the
+    live run had many, so it cannot be numbered as they were (a resume cannot skip into it)."""
 
 
 CANCELLED_EVENT = FollowEvent("error", data={"error": {"type": "job_cancelled", "message": "the job was cancelled"}})
@@ -67,7 +81,7 @@ def end_event(job: Job) -> FollowEvent:
 async def replay(job: Job) -> AsyncIterator[FollowEvent]:
     """An ended job, followed: its whole text, then its end."""
     if job.result is not None and job.result.text:
-        yield FollowEvent("text", job.result.text)
+        yield FollowEvent("text", job.result.text, whole=True)
     yield end_event(job)
 
 
@@ -130,6 +144,8 @@ class SQLiteJobStore:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenrelay-sqlite")
         self._db: sqlite3.Connection | None = None
         self._feeds: dict[str, _Feed] = {}
+        self._ended: OrderedDict[str, tuple[float, _Feed, int]] = OrderedDict()
+        self._ended_chars = 0
         try:
             self._thread.submit(self._open).result()
         except BaseException:
@@ -226,6 +242,7 @@ class SQLiteJobStore:
     # --- live text: in memory, since in this mode the serving process runs the job ---
 
     async def live_start(self, job_id: str) -> None:
+        self._forget_ended(job_id)
         old = self._feeds.get(job_id)
         self._feeds[job_id] = feed = _Feed()
         if old is not None:
@@ -247,13 +264,33 @@ class SQLiteJobStore:
         if feed is not None:
             feed.end = event
             feed.notify()
+            self._forget_ended(job_id)
+            chars = sum(map(len, feed.pieces))
+            self._ended[job_id] = (time.monotonic(), feed, chars)
+            self._ended_chars += chars
+            while self._ended and (len(self._ended) > ENDED_FEEDS or self._ended_chars > ENDED_FEED_CHARS):
+                self._forget_ended(next(iter(self._ended)))
+
+    def _forget_ended(self, job_id: str) -> None:
+        kept = self._ended.pop(job_id, None)
+        if kept is not None:
+            self._ended_chars -= kept[2]
+
+    def _ended_feed(self, job_id: str) -> _Feed | None:
+        kept = self._ended.get(job_id)
+        if kept is None:
+            return None
+        if time.monotonic() - kept[0] > ENDED_FEED_TTL:
+            self._forget_ended(job_id)
+            return None
+        return kept[1]
 
     def watch(self, job_id: str) -> None:
         """Make a queued job followable before it starts."""
         self._feeds.setdefault(job_id, _Feed())
 
     async def follow(self, job_id: str) -> AsyncIterator[FollowEvent]:
-        feed = self._feeds.get(job_id)
+        feed = self._feeds.get(job_id) or self._ended_feed(job_id)
         if feed is None:
             job = await self.get(job_id)
             if job is None:

@@ -4,7 +4,8 @@
     GET    /api/jobs/{id}         the job, its result and every webhook attempt
     DELETE /api/jobs/{id}         cancel a queued or running job (and its upstream request)
     GET    /api/jobs/{id}/stream  SSE: what the job has written so far, then live, then
-                                  event: done or event: error
+                                  event: done or event: error; with ``Last-Event-ID: N``
+                                  (or ``?after=N``) only the pieces after N
 
 The backend (``app.state.jobs``) is a ``jobs.backend.JobBackend``: ``LocalJobs`` (SQLite,
 run in this process) or ``RemoteJobs`` (Redis, run by ``tokenrelay worker``).
@@ -25,7 +26,7 @@ import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import orjson
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,7 +39,7 @@ from ..jobs.store import FollowEvent
 from ..jobs.webhooks import check_url_syntax
 from ..config import Settings
 from ..logs import client_name, request_id
-from ..schemas import ChatRequest, parse_model
+from ..schemas import ChatRequest, describe_validation, parse_model
 from ..state import app_state
 from ..streaming import sse
 from ..streaming.response import StreamResponse, body_of
@@ -174,8 +175,28 @@ async def delete_job(request: Request) -> Response:
     return JSONResponse(cancelled.public())
 
 
+class JobCursor(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    after: int = Field(default=0, ge=0, description="Send only the pieces after this event id.")
+
+
+def _cursor(request: Request) -> int:
+    """Where a follower that reconnects left off: ``?after=N``, else ``Last-Event-ID``, which
+    a browser's EventSource sends by itself when it reconnects."""
+    query = dict(request.query_params)
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id is not None and "after" not in query:
+        query["after"] = last_event_id.strip()
+    try:
+        return JobCursor.model_validate(query).after
+    except ValidationError as exc:
+        raise ValidationFailed(describe_validation(exc)) from None
+
+
 @Endpoint
 async def stream_job(request: Request) -> StreamResponse:
+    after = _cursor(request)
     jobs, job = await _get(request)
     settings = app_state(request).settings
     headers = [
@@ -184,20 +205,30 @@ async def stream_job(request: Request) -> StreamResponse:
         (b"x-accel-buffering", b"no"),
         (b"x-request-id", request_id.get().encode()),
     ]
-    return StreamResponse(body_of(_sse(jobs.follow(job.id), job_id=job.id, model=job.model)), headers=headers,
+    return StreamResponse(body_of(_sse(jobs.follow(job.id), job_id=job.id, model=job.model, after=after)),
+                          headers=headers,
                           ping=sse.PING, heartbeat=settings.heartbeat_interval, send_timeout=settings.send_timeout)
 
 
-async def _sse(events: AsyncIterator[FollowEvent], *, job_id: str, model: str) -> AsyncGenerator[bytes, None]:
-    """The job's events in tokenrelay's SSE format (``streaming.sse``); the response sends
+async def _sse(events: AsyncIterator[FollowEvent], *, job_id: str, model: str,
+               after: int = 0) -> AsyncGenerator[bytes, None]:
+    """The job's events in tokenrelay's SSE format (``streaming.sse``), the pieces numbered
+    from 1 and those up to ``after`` left out, as the follower has them; the response sends
     the pings in silences."""
     try:
         yield sse.start(job_id, model)
         seq = 0
         async for event in events:
             if event.kind == "text":
+                if event.whole and after:
+                    # The store no longer has the pieces the follower counted: where piece
+                    # ``after`` ended is unknown, so give the whole text to replace its own.
+                    seq = max(after, seq + 1)
+                    yield b"id: %d\n" % seq + sse.event(b"reset", {"text": event.text})
+                    continue
                 seq += 1
-                yield sse.delta(seq, event.text)
+                if seq > after:
+                    yield sse.delta(seq, event.text)
             elif event.kind == "done":
                 yield sse.event(b"done", event.data or {})
                 return
