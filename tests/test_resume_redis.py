@@ -296,6 +296,8 @@ def test_redis_down_mid_stream_costs_the_asking_client_nothing_and_loses_nothing
                timeout=10, interval=0.1)
     again = sse_events(resume(b, stream_id).content)
     assert texts(again) == texts(events) and again[-1][0] == "done"
+    for relay in (a, b):  # before their Redis goes at the end of the test
+        relay.stop()
 
 
 def client_counts(redis_url: str) -> dict[str, int]:
@@ -398,6 +400,7 @@ def big_upstream(pieces: int, size: int) -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
+    server.server_close()
 
 
 def peak_rss(relay: RelayServer) -> int:

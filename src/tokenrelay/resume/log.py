@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,13 +41,17 @@ class StreamTooLarge(TokenrelayError):
 
 
 class StreamLog:
-    __slots__ = ("_count", "_ends", "_size", "_text", "_waiters", "ending", "finished_at", "max_bytes", "tee")
+    __slots__ = ("_count", "_ends", "_size", "_text", "_waiters", "backlog", "ending", "finished_at", "max_bytes",
+                 "tee")
 
     def __init__(self, *, max_bytes: int, tee: Callable[[int, str], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self.tee = tee
         """Where the pieces are kept instead (Redis, ``resume.redis``): the log then only counts
         them, so the process holds no copy of an answer the shared store already has."""
+        self.backlog: Callable[[], Awaitable[None] | None] | None = None
+        """With ``tee``: something to wait for before the next piece while the store is far
+        behind but working (an upstream faster than Redis), so the backlog stays bounded."""
         self._text = bytearray()
         self._ends = array("I")
         self._count = 0

@@ -29,7 +29,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -71,6 +71,10 @@ POOL_SIZE = 16
 """Redis connections of one instance's streams (plus one subscription), however many readers."""
 PENDING_STOP_TTL = 60_000
 """Milliseconds a stop for a stream not yet registered waits for it."""
+BACKLOG_BYTES = 2 << 20
+"""Bytes of pieces a stream's writer holds while Redis works but lags (an upstream faster
+than Redis) before the producer waits for it; while Redis fails, the stream's own size cap
+bounds the backlog instead, and nobody waits."""
 GIVE_UP_AFTER = 600.0
 """Seconds a writer keeps retrying an unreachable Redis before it drops its backlog."""
 READER_PATIENCE = 10.0
@@ -210,12 +214,16 @@ class _Writer:
     lease. Pieces wait here until Redis has them (bounded by the stream's own size cap), so
     an outage loses nothing and a retry duplicates nothing."""
 
-    __slots__ = ("epoch", "ending", "first", "pending", "sent_ending", "store", "stream", "task", "wake")
+    __slots__ = ("caught_up", "epoch", "ending", "failing", "first", "pending", "pending_bytes", "sent_ending", "store",
+                 "stream", "task", "wake")
 
     def __init__(self, store: RedisStreams, stream: LiveStream) -> None:
         self.store, self.stream = store, stream
         self.epoch = secrets.token_hex(8)
         self.pending: list[str] = []
+        self.pending_bytes = 0
+        self.failing = False
+        self.caught_up: asyncio.Future[None] | None = None
         self.first = 1
         self.ending: Ending | None = None
         self.sent_ending = False
@@ -226,7 +234,21 @@ class _Writer:
         if not self.pending:
             self.first = seq
         self.pending.append(text)
+        self.pending_bytes += len(text)
         self.wake.set()
+
+    def backlog(self) -> Awaitable[None] | None:
+        if self.pending_bytes <= BACKLOG_BYTES or self.failing:
+            return None
+        if self.caught_up is None:
+            self.caught_up = asyncio.get_running_loop().create_future()
+        return asyncio.shield(self.caught_up)
+
+    def _release(self) -> None:
+        if self.caught_up is not None and (self.failing or self.pending_bytes <= BACKLOG_BYTES // 2):
+            if not self.caught_up.done():
+                self.caught_up.set_result(None)
+            self.caught_up = None
 
     def finish(self, ending: Ending) -> None:
         self.ending = ending
@@ -249,8 +271,10 @@ class _Writer:
                             store.stop_local(stream, "stopped")
                     if await self.flush():
                         return
-                    backoff, failing_since = 0.05, 0.0
+                    backoff, failing_since, self.failing = 0.05, 0.0, False
                 except _TROUBLE as exc:
+                    self.failing = True
+                    self._release()
                     now = time.monotonic()
                     if not failing_since:
                         failing_since = now
@@ -271,12 +295,20 @@ class _Writer:
                     async with asyncio.timeout(RENEW):
                         await self.wake.wait()
         finally:
+            self.failing = True
+            self._release()
             store.writer_done(self)
 
     async def flush(self) -> bool:
         """One call: the pieces waiting, the ending if it came, the lease; True when done."""
         store, stream = self.store, self.stream
-        count, ending = len(self.pending), self.ending
+        count, size = 0, 0
+        for piece in self.pending:  # at most about BATCH_BYTES a call: a large answer's batches stay small
+            if count and size + len(piece) > BATCH_BYTES:
+                break
+            count += 1
+            size += len(piece)
+        ending = self.ending if count == len(self.pending) else None
         args: list[str | int] = [self.epoch, self.first, count, _ending_json(ending) if ending else "",
                                  int(LEASE * 1000), store.keep_ms, store.done_ms, stream.id, BELL]
         args.extend(self.pending[:count])
@@ -291,6 +323,8 @@ class _Writer:
             return True
         del self.pending[:count]
         self.first += count
+        self.pending_bytes -= size
+        self._release()
         if stop:
             store.stop_local(stream, "stopped")
         if readers:
@@ -378,9 +412,10 @@ class _Hub:
             # it has them all.
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.hmget(meta, ["ending", "last"])
-                pipe.exists(lease)
                 pipe.xrange(log_key, f"{self.last + 1}-0", "+", count=self.count)
-                (ending, final), has_lease, entries = await pipe.execute()
+                if polled:
+                    pipe.exists(lease)
+                (ending, final), entries, *has_lease = await pipe.execute()
             count = self.count
             for entry_id, fields in entries:
                 if _seq(entry_id) == self.last + 1:
@@ -391,7 +426,7 @@ class _Hub:
             if len(entries) < count:
                 break
         if self.ending is None and polled:
-            await self.check_owner(bool(has_lease))
+            await self.check_owner(bool(has_lease[0]))
 
     async def check_owner(self, has_lease: bool) -> None:
         """A running stream whose owner's lease ran out, and stayed out: its instance died.
@@ -456,8 +491,10 @@ class RedisStreams(Streams):
         super().__init__(grace=grace, ttl=ttl, max_bytes=max_bytes, memory_bytes=0)
         self.timeout = timeout
         retry = Retry(NoBackoff(), 0)  # the writer and the hubs retry on their own terms
+        # Waiting for a free connection is queueing behind this instance's own calls, not Redis
+        # being slow: it may take longer than one call may (a busy instance), and still ends.
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=timeout, socket_timeout=timeout,
+            url, max_connections=POOL_SIZE, timeout=timeout * 5, socket_timeout=timeout,
             socket_connect_timeout=timeout, retry=retry, decode_responses=True, client_name=f"tokenrelay-streams-{os.getpid()}")
         # Any: redis-py's annotations mix its sync and async returns.
         self.redis: Any = aioredis.Redis(connection_pool=pool)
@@ -484,6 +521,7 @@ class RedisStreams(Streams):
         stream = super().open(owner=owner, model=model, wire=wire, grace=grace)
         writer = _Writer(self, stream)
         stream.log.tee = writer.add
+        stream.log.backlog = writer.backlog
         self._writers[stream.id] = writer
         return stream
 
