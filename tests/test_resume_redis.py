@@ -442,3 +442,93 @@ def SSEDecoderStream(response: httpx.Response) -> Iterator[ServerSentEvent]:
     for chunk in response.iter_bytes():
         yield from decoder.feed(chunk)
 
+
+
+class RedisCluster:
+    """Three redis-server nodes on loopback made one Redis Cluster (no replicas), as
+    ``redis-cli --cluster create`` does it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        import shutil
+        import subprocess
+        import tempfile
+
+        from servers import free_port, stop_process
+
+        self._stop_process = stop_process
+        self.dir = tempfile.TemporaryDirectory(prefix="tokenrelay-cluster-")
+        self.ports = [free_port() for _ in range(3)]
+        self.procs = []
+        for port in self.ports:
+            node_dir = Path(self.dir.name) / str(port)
+            node_dir.mkdir()
+            self.procs.append(subprocess.Popen(
+                [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "",
+                 "--appendonly", "no", "--dir", str(node_dir), "--logfile", str(log_dir / f"cluster-{port}.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        for port in self.ports:
+            wait_until(lambda: self._ping(port), timeout=10)
+        subprocess.run([shutil.which("redis-cli") or "/usr/bin/redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        wait_until(lambda: all(self._state_ok(port) for port in self.ports), timeout=20, interval=0.1)
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    @staticmethod
+    def _ping(port: int) -> bool:
+        try:
+            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    @staticmethod
+    def _state_ok(port: int) -> bool:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, decode_responses=True) as client:
+            return client.cluster("INFO").get("cluster_state") == "ok"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            self._stop_process(proc)
+        self.dir.cleanup()
+
+
+def test_on_a_redis_cluster_a_stream_resumes_and_stops_across_instances(
+        log_dir: Path, sim_server: SimServer, start_relay: Callable[..., RelayServer]) -> None:
+    cluster = RedisCluster(log_dir)
+    try:
+        upstream = sim_server.url + "/v1"
+        a = start_relay(upstream=upstream, **relay_env(cluster.url))
+        b = start_relay(upstream=upstream, **relay_env(cluster.url))
+        assert "on a Redis Cluster" in a.log()
+        whole = reference(a, MODEL)
+        ids = set()
+        for _ in range(4):  # ids land in different slots, so on different nodes
+            sock = open_request(a, chat(model=MODEL), accept="text/event-stream", grace=None)
+            raw = read_until(sock, b"id: 5\n")
+            sock.close()
+            first = texts(sse_events(dechunk(raw)))[:5]
+            stream_id = stream_id_of(raw)
+            ids.add(stream_id)
+            joined = first + texts(sse_events(resume(b, stream_id, first[-1][0]).content))
+            assert [int(eid) for eid, _ in joined] == list(range(1, len(joined) + 1))
+            assert "".join(text for _, text in joined) == whole
+        nodes = set()
+        with redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
+            for stream_id in ids:
+                nodes.add(client.keyslot(f"tokenrelay:stream:{{{stream_id}}}:log") * 3 // 16384)
+        assert len(nodes) > 1 or len(ids) < 4
+
+        sim_server.wait_idle()
+        before = sim_server.stats()["cancelled_streams"]
+        sock = open_request(a, chat(model="sim:ttft=0,tps=10,tokens=400"), accept="text/event-stream", grace=None)
+        stream_id = stream_id_of(read_until(sock, b"id: 3\n"))
+        answer, seconds = stop_and_time(b, stream_id, sim_server, before)
+        assert seconds < 1.0 and answer.status_code == 200 and answer.json()["status"] == "stopped"
+        assert b"event: stopped" in read_until(sock, b"event: stopped")
+        sock.close()
+        for relay in (a, b):
+            relay.stop()
+    finally:
+        cluster.stop()

@@ -37,7 +37,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..errors import NotFound, ServiceUnavailable
 from .log import Ending
@@ -167,7 +168,7 @@ redis.call('PUBLISH', ARGV[4], ARGV[3] .. ' end')
 return ARGV[1]
 """
 
-_TROUBLE = (RedisError, OSError, TimeoutError)
+_TROUBLE = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,10 +502,9 @@ class RedisStreams(Streams):
         # The subscription waits for messages as long as it likes; only connecting is bounded.
         self._bell_client: Any = aioredis.Redis.from_url(url, socket_connect_timeout=timeout, decode_responses=True,
                                                     client_name=f"tokenrelay-streams-bell-{os.getpid()}")
-        self.script_append = self.redis.register_script(_APPEND)
-        self.script_register = self.redis.register_script(_REGISTER)
-        self.script_stop = self.redis.register_script(_STOP)
-        self.script_lost = self.redis.register_script(_LOST)
+        self._url = url
+        self.cluster = False
+        self._use(self.redis)
         self.keep_ms = int((ttl + LEASE) * 1000)
         """A running stream's keys outlive a dead owner by the retention time, so its lost
         ending and its text stay readable."""
@@ -665,7 +665,33 @@ class RedisStreams(Streams):
 
     # --- the subscription: doorbells and stops ---
 
+    def _use(self, client: Any) -> None:
+        self.redis = client
+        self.script_append = client.register_script(_APPEND)
+        self.script_register = client.register_script(_REGISTER)
+        self.script_stop = client.register_script(_STOP)
+        self.script_lost = client.register_script(_LOST)
+
     async def start(self) -> None:
+        """Subscribe; and on a Redis Cluster, talk to every node (each stream's keys share
+        one slot, so every script and pipeline goes to one node)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                info = await self.redis.info("cluster")
+        except _TROUBLE as exc:
+            log.warning("Redis unreachable at start-up (%s): streams are written there once it is back; a Redis "
+                        "Cluster is recognised only at start-up", exc)
+            info = {}
+        if info.get("cluster_enabled"):
+            single = self.redis
+            # Per node; a cluster client fails rather than waits when they are all busy.
+            self._use(RedisCluster.from_url(
+                self._url, max_connections=POOL_SIZE * 4, socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout, decode_responses=True,
+                client_name=f"tokenrelay-streams-{os.getpid()}"))
+            self.cluster = True
+            await single.aclose(close_connection_pool=True)
+            log.info("streams: on a Redis Cluster")
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _listen(self) -> None:
@@ -731,5 +757,8 @@ class RedisStreams(Streams):
         with contextlib.suppress(*_TROUBLE):
             await self._bell_client.aclose()
         with contextlib.suppress(*_TROUBLE):
-            await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
+            if self.cluster:
+                await self.redis.aclose()
+            else:
+                await self.redis.aclose(close_connection_pool=True)  # a pool passed in is not closed by default
 
