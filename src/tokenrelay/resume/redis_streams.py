@@ -125,9 +125,12 @@ return {last, stop, readers}
 """
 
 # KEYS meta lease; ARGV epoch owner model wire created lease_ms keep_ms. The stop flag: a
-# stop can come before the stream registered (durable), but only its owner's counts.
+# stop can come before the stream registered (durable), but only its owner's counts. A retry
+# whose first try did register (its answer lost) finds its own epoch: done already.
 _REGISTER = """
-if redis.call('HEXISTS', KEYS[1], 'epoch') == 1 then return redis.error_reply('stream id taken') end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch == ARGV[1] then return redis.call('HGET', KEYS[1], 'stop') or '' end
+if epoch then return redis.error_reply('stream id taken') end
 if redis.call('HGET', KEYS[1], 'stop_by') ~= ARGV[2] then redis.call('HDEL', KEYS[1], 'stop') end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[2], 'model', ARGV[3], 'wire', ARGV[4],
            'created', ARGV[5], 'last', 0)
