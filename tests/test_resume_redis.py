@@ -457,7 +457,11 @@ class RedisCluster:
 
         self._stop_process = stop_process
         self.dir = tempfile.TemporaryDirectory(prefix="tokenrelay-cluster-")
-        self.ports = [free_port() for _ in range(3)]
+        self.ports: list[int] = []
+        while len(self.ports) < 3:  # a node also listens on its port + 10,000 (the cluster bus)
+            port = free_port()
+            if port <= 55535 and port not in self.ports:
+                self.ports.append(port)
         self.procs = []
         for port in self.ports:
             node_dir = Path(self.dir.name) / str(port)
