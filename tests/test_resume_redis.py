@@ -444,6 +444,17 @@ def SSEDecoderStream(response: httpx.Response) -> Iterator[ServerSentEvent]:
 
 
 
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class RedisCluster:
     """Three redis-server nodes on loopback made one Redis Cluster (no replicas), as
     ``redis-cli --cluster create`` does it."""
@@ -460,7 +471,7 @@ class RedisCluster:
         self.ports: list[int] = []
         while len(self.ports) < 3:  # a node also listens on its port + 10,000 (the cluster bus)
             port = free_port()
-            if port <= 55535 and port not in self.ports:
+            if port <= 55535 and port not in self.ports and _bindable(port + 10_000):
                 self.ports.append(port)
         self.procs = []
         for port in self.ports:
