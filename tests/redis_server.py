@@ -17,20 +17,27 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 class RedisServer:
-    def __init__(self, *, log_dir: Path) -> None:
+    def __init__(self, *, log_dir: Path, persist: bool = False) -> None:
+        """``persist``: an append-only file written at every command, so the server can be
+        stopped and started again (``stop_server``, ``start_server``) with its data."""
         if not Path(REDIS_SERVER).exists():
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs Debian's redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = log_dir / f"redis-{self.port}.log"
         self._dir = tempfile.TemporaryDirectory(prefix="tokenrelay-redis-")
+        self._persist = persist
+        self.start_server()
+
+    def start_server(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self._persist else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
             [
                 REDIS_SERVER,
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                *persistence,
                 "--dir", self._dir.name,
                 "--logfile", str(self.log_path),
             ],
@@ -54,6 +61,10 @@ class RedisServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data directory (see ``persist``)."""
+        stop_process(self.proc)
 
     def stop(self) -> None:
         stop_process(self.proc)

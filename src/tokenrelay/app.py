@@ -30,6 +30,7 @@ from .routes.probe import probe
 from .routes.responses import cancel_response, create_response, retrieve_response
 from .routes.stream import get_response
 from .routes.streams import delete_stream, get_stream
+from .resume.redis_streams import RedisStreams
 from .resume.registry import Streams
 from .routing import ModelRouter, Router
 from .state import AppState
@@ -54,9 +55,15 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.router = Router(settings)
-        state.streams = Streams(grace=settings.resume_grace, ttl=settings.stream_ttl,
-                                max_bytes=settings.stream_max_bytes, memory_bytes=settings.stream_memory,
-                                other_processes=int(os.environ.get(SERVE_PROCESSES_ENV) or 1) > 1)
+        if settings.redis_url:  # every instance's streams, so any of them resumes and stops any
+            state.streams = RedisStreams(settings.redis_url, timeout=settings.redis_timeout,
+                                         grace=settings.resume_grace, ttl=settings.stream_ttl,
+                                         max_bytes=settings.stream_max_bytes)
+        else:
+            state.streams = Streams(grace=settings.resume_grace, ttl=settings.stream_ttl,
+                                    max_bytes=settings.stream_max_bytes, memory_bytes=settings.stream_memory,
+                                    other_processes=int(os.environ.get(SERVE_PROCESSES_ENV) or 1) > 1)
+        await state.streams.start()
         state.provider = ModelRouter(state.router)
         state.metrics.watch(state.provider)
         if settings.routes:

@@ -269,7 +269,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         description="Redis shared by several tokenrelay processes (redis://host:6379/0): the jobs' task "
-                    "queue (run by 'tokenrelay worker') and the per-key limits.",
+                    "queue (run by 'tokenrelay worker'), the per-key limits and the resumable streams.",
     )
     redis_timeout: float = Field(
         default=2.0, gt=0,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,36 +41,50 @@ class StreamTooLarge(TokenrelayError):
 
 
 class StreamLog:
-    __slots__ = ("_ends", "_text", "_waiters", "ending", "finished_at", "max_bytes")
+    __slots__ = ("_count", "_ends", "_size", "_text", "_waiters", "backlog", "ending", "finished_at", "max_bytes",
+                 "tee")
 
-    def __init__(self, *, max_bytes: int) -> None:
+    def __init__(self, *, max_bytes: int, tee: Callable[[int, str], None] | None = None) -> None:
         self.max_bytes = max_bytes
+        self.tee = tee
+        """Where the pieces are kept instead (Redis, ``resume.redis``): the log then only counts
+        them, so the process holds no copy of an answer the shared store already has."""
+        self.backlog: Callable[[], Awaitable[None] | None] | None = None
+        """With ``tee``: something to wait for before the next piece while the store is far
+        behind but working (an upstream faster than Redis), so the backlog stays bounded."""
         self._text = bytearray()
         self._ends = array("I")
+        self._count = 0
+        self._size = 0
         self._waiters: list[asyncio.Future[None]] = []
         self.ending: Ending | None = None
         self.finished_at: float | None = None
 
     @property
     def last_seq(self) -> int:
-        return len(self._ends)
+        return self._count
 
     @property
     def size(self) -> int:
-        return len(self._text)
+        return self._size
 
     def append(self, text: str) -> int:
         """Add the next piece; its number. Past ``max_bytes`` the answer is refused, so one
         runaway stream cannot take the memory every other stream shares."""
         data = text.encode()
-        if len(self._text) + len(data) > self.max_bytes:
+        if self._size + len(data) > self.max_bytes:
             raise StreamTooLarge(f"the answer grew past {self.max_bytes} bytes, the most a stream keeps "
                                  "(TOKENRELAY_STREAM_MAX_BYTES)")
+        self._size += len(data)
+        self._count += 1
+        if self.tee is not None:
+            self.tee(self._count, text)
+            return self._count
         self._text += data
-        self._ends.append(len(self._text))
+        self._ends.append(self._size)
         if self._waiters:
             self._wake()
-        return len(self._ends)
+        return self._count
 
     def end(self, ending: Ending) -> None:
         """The answer's last event; only the first ending counts."""
@@ -91,7 +105,7 @@ class StreamLog:
         """Every piece after ``after``, as it comes, then the ending."""
         seq = after
         while True:
-            while seq < len(self._ends):
+            while seq < self._count:
                 seq += 1
                 yield seq, self.piece(seq)
             if self.ending is not None:

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..errors import NotFound
 from .log import Ending, StreamLog
@@ -35,6 +36,33 @@ def new_stream_id() -> str:
     """A stream's id: 128 bits from the system's randomness, since holding it lets one read
     and stop the answer."""
     return "st_" + secrets.token_hex(16)
+
+
+class StreamRef(Protocol):
+    """What a reader knows of a stream, wherever it runs: a ``LiveStream`` of this process,
+    or one another instance writes into Redis (``resume.redis``). Its pieces are opaque
+    strings, encoded by the wire named ``wire``."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def owner(self) -> str | None: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def wire(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A stream as it is now: its pieces joined (from a byte offset), how many, and its ending."""
+
+    text: bytes
+    last_seq: int
+    ending: Ending | None
 
 
 @dataclass(eq=False, slots=True)
@@ -51,6 +79,8 @@ class LiveStream:
     stopper: Callable[[str], None] | None = None
     """Stops the running answer (its upstream request too) with an outcome; None once it ended."""
     stop_reason: str | None = None
+    read_elsewhere_at: float = 0.0
+    """When a reader on another instance was last seen (monotonic; Redis only)."""
     _grace_timer: asyncio.TimerHandle | None = None
     _end_waiters: list[asyncio.Future[None]] | None = None
     """Made only when someone waits for the end (a stop): most streams never need one."""
@@ -74,6 +104,11 @@ class LiveStream:
 
 
 class Streams:
+    """The streams of one process, in its memory; ``resume.redis.RedisStreams`` is the same
+    API with the streams in Redis, for several instances."""
+
+    label = "memory"
+
     def __init__(self, *, grace: float, ttl: float, max_bytes: int, memory_bytes: int,
                  other_processes: bool = False) -> None:
         self.grace = grace
@@ -99,6 +134,13 @@ class Streams:
 
     def finished(self, stream: LiveStream, ending: Ending) -> None:
         """The answer ended, however: it stays readable for ``ttl``."""
+        self._ended(stream, ending)
+        if stream.id in self._streams and stream.id not in self._finished:
+            self._finished[stream.id] = stream
+            self._finished_bytes += stream.log.size
+            self._trim()
+
+    def _ended(self, stream: LiveStream, ending: Ending) -> None:
         stream.log.end(ending)
         stream.stopper = None
         if stream._grace_timer is not None:
@@ -108,10 +150,6 @@ class Streams:
             if not waiter.done():
                 waiter.set_result(None)
         stream._end_waiters = None
-        if stream.id in self._streams and stream.id not in self._finished:
-            self._finished[stream.id] = stream
-            self._finished_bytes += stream.log.size
-            self._trim()
 
     # --- readers ---
 
@@ -124,14 +162,36 @@ class Streams:
             raise NotFound(f"no stream {stream_id!r}: unknown, or it expired (TOKENRELAY_STREAM_TTL)")
         return stream
 
+    async def find(self, stream_id: str, *, owner: str | None) -> StreamRef:
+        """The stream ``stream_id`` of ``owner``, wherever it runs; ``NotFound`` if none."""
+        return self.get(stream_id, owner=owner)
+
     @contextlib.asynccontextmanager
-    async def reading(self, stream: LiveStream) -> AsyncIterator[None]:
+    async def reading(self, stream: StreamRef) -> AsyncIterator[None]:
         """A reader is attached for the block: the answer is not given up meanwhile."""
+        assert isinstance(stream, LiveStream)
         self.attach(stream)
         try:
             yield
         finally:
             self.detach(stream)
+
+    def follow(self, stream: StreamRef, after: int = 0) -> AsyncIterator[tuple[int, str] | Ending]:
+        """Every piece after ``after``, as it comes, then the ending (inside ``reading``)."""
+        assert isinstance(stream, LiveStream)
+        return stream.log.follow(after)
+
+    async def snapshot(self, stream: StreamRef, *, offset: int = 0) -> Snapshot:
+        assert isinstance(stream, LiveStream)
+        log = stream.log
+        return Snapshot(log.text(offset), log.last_seq, log.ending)
+
+    async def start(self) -> None:
+        """Ready to serve (with Redis: its subscription); nothing to do in memory."""
+
+    async def check(self) -> dict[str, Any]:
+        """How the streams are kept, for ``/readyz``."""
+        return {"store": self.label, "status": "ok", "reason": None}
 
     def attach(self, stream: LiveStream) -> None:
         stream.readers += 1
@@ -157,8 +217,13 @@ class Streams:
 
     # --- stop ---
 
-    async def stop(self, stream: LiveStream, *, timeout: float = 1.0) -> bool:
+    async def stop_id(self, stream_id: str, *, owner: str | None, timeout: float = 1.0) -> bool:
+        """``stop`` by id (``NotFound`` as ``find``); True once it has ended."""
+        return await self.stop(await self.find(stream_id, owner=owner), timeout=timeout)
+
+    async def stop(self, stream: StreamRef, *, timeout: float = 1.0) -> bool:
         """Stop a running answer; True once it has ended (its upstream request closed)."""
+        assert isinstance(stream, LiveStream)
         if stream.running:
             self._stop(stream, "stopped")
         with contextlib.suppress(TimeoutError):

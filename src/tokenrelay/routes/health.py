@@ -129,7 +129,7 @@ async def readyz(request: Request) -> JSONResponse:
     # served (fail open), so a load balancer must not take the instance out for it.
     body: dict[str, Any] = {"status": "ready", "upstream": upstream_summary(settings),
                             "upstreams": [check.to_dict() for check in checks], "jobs": jobs_status(state),
-                            "limits": await state.limiter.check()}
+                            "limits": await state.limiter.check(), "streams": await state.streams.check()}
     reason = _reason(checks)
     if reason is None:
         return JSONResponse(body)

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse
 
 from ..errors import TokenrelayError, ValidationFailed
 from ..logs import client_name, request_id
-from ..resume.log import Ending, StreamLog
-from ..resume.registry import LiveStream, Streams
+from ..resume.log import Ending
+from ..resume.registry import StreamRef, Streams
 from ..schemas import describe_validation
 from ..state import app_state
 from ..streaming.response import StreamResponse, body_of
@@ -49,21 +49,22 @@ def _cursor(request: Request) -> Cursor:
         raise ValidationFailed(describe_validation(exc)) from None
 
 
-def _stream(request: Request) -> tuple[Streams, LiveStream]:
-    streams = app_state(request).streams
-    return streams, streams.get(request.path_params["stream_id"], owner=client_name.get())
+def _find_args(request: Request) -> tuple[Streams, str, str | None]:
+    return app_state(request).streams, request.path_params["stream_id"], client_name.get()
 
 
 @Endpoint
 async def get_stream(request: Request) -> ASGIResponse:
-    streams, stream = _stream(request)
+    streams, stream_id, owner = _find_args(request)
+    stream = await streams.find(stream_id, owner=owner)
     accept = request.headers.get("accept", "")
     if "text/event-stream" in accept:
         wire = WIRES["sse"]
     elif "text/plain" in accept:
         wire = WIRES["text"]
     else:
-        return JSONResponse(status(stream), headers={"x-stream-id": stream.id, "cache-control": "no-store"})
+        return JSONResponse(await status(streams, stream),
+                            headers={"x-stream-id": stream.id, "cache-control": "no-store"})
     cursor = _cursor(request)
     settings = app_state(request).settings
     headers = [(b"content-type", wire.content_type), (b"cache-control", b"no-cache, no-transform"),
@@ -73,16 +74,16 @@ async def get_stream(request: Request) -> ASGIResponse:
                           heartbeat=settings.heartbeat_interval, send_timeout=settings.send_timeout)
 
 
-async def replay(streams: Streams, stream: LiveStream, wire: Wire, cursor: Cursor) -> AsyncGenerator[bytes, None]:
+async def replay(streams: Streams, stream: StreamRef, wire: Wire, cursor: Cursor) -> AsyncGenerator[bytes, None]:
     """What the reader missed, then the rest as it comes, in ``wire``: encoded as the first
     connection's was, so nothing differs but where it starts."""
     async with streams.reading(stream):
         if wire.name == "text":
-            async for piece in _text_from(stream.log, cursor.offset):
+            async for piece in _text_from(streams, stream, cursor.offset):
                 yield piece
             return
         yield wire.opening(stream.id, stream.model)
-        async for event in stream.log.follow(cursor.after):
+        async for event in streams.follow(stream, cursor.after):
             if isinstance(event, Ending):
                 closing = wire.ending(event)
                 if closing:
@@ -91,13 +92,13 @@ async def replay(streams: Streams, stream: LiveStream, wire: Wire, cursor: Curso
             yield wire.piece(*event)
 
 
-async def _text_from(log: StreamLog, offset: int) -> AsyncGenerator[bytes, None]:
+async def _text_from(streams: Streams, stream: StreamRef, offset: int) -> AsyncGenerator[bytes, None]:
     """The text from byte ``offset``: what is there, then each piece as it comes. A stream
     that failed or was stopped breaks off, as the first connection's did."""
-    there, last = log.text(offset), log.last_seq
-    if there:
-        yield there
-    async for event in log.follow(last):
+    there = await streams.snapshot(stream, offset=offset)
+    if there.text:
+        yield there.text
+    async for event in streams.follow(stream, there.last_seq):
         if isinstance(event, Ending):
             if event.kind != "done":
                 raise TokenrelayError(f"the answer {event.status}; its SSE events or JSON status say why")
@@ -107,21 +108,23 @@ async def _text_from(log: StreamLog, offset: int) -> AsyncGenerator[bytes, None]
 
 @Endpoint
 async def delete_stream(request: Request) -> JSONResponse:
-    streams, stream = _stream(request)
-    if not await streams.stop(stream):
+    streams, stream_id, owner = _find_args(request)
+    ended = await streams.stop_id(stream_id, owner=owner)
+    stream = await streams.find(stream_id, owner=owner)
+    if not ended:
         # Not ended within the wait: say so, never "stopped" before it is.
-        return JSONResponse(status(stream), status_code=202, headers={"retry-after": "1"})
-    return JSONResponse(status(stream))
+        return JSONResponse(await status(streams, stream), status_code=202, headers={"retry-after": "1"})
+    return JSONResponse(await status(streams, stream))
 
 
-def status(stream: LiveStream) -> dict[str, object]:
-    log = stream.log
-    ending = log.ending
+async def status(streams: Streams, stream: StreamRef) -> dict[str, object]:
+    now = await streams.snapshot(stream)
+    ending = now.ending
     return {
         "id": stream.id,
         "model": stream.model,
         "status": ending.status if ending else "running",
-        "text": log.text().decode(),
-        "last_event_id": log.last_seq,
+        "text": now.text.decode(),
+        "last_event_id": now.last_seq,
         "ending": {"kind": ending.kind, **ending.data} if ending else None,
     }

@@ -53,6 +53,8 @@ class Resume:
                 text = delta.text
                 if text:
                     seq = log.append(text)
+                    if log.backlog is not None and (behind := log.backlog()) is not None:
+                        await behind
                     body = wire.piece(seq, text)
                     if seq == 1:
                         record.first_token = time.perf_counter()
