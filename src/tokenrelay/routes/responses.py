@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from starlette.requests import Request
@@ -48,7 +49,7 @@ from ..providers.chat_chunks import chunk_deltas
 from ..providers.openai_compat import OpenAICompatible
 from ..providers.sse_decoder import SSEDecoder
 from ..resume.log import Ending
-from ..resume.registry import LiveStream, Streams, new_stream_id
+from ..resume.registry import LiveStream, StreamRef, Streams, new_stream_id
 from ..responses_request import ResponsesBody, Unsupported, check_body, echo_fields, to_chat
 from ..routing import Attempts, Upstream
 from ..schemas import parse_json_object
@@ -216,6 +217,11 @@ async def produce(deltas: AsyncIterator[Delta], events: ResponseEvents, opening:
             frames += framed
         return frames
 
+    async def caught_up() -> None:
+        """Wait while the shared store (Redis) is far behind, as every logged answer does."""
+        if log.backlog is not None and (behind := log.backlog()) is not None:
+            await behind
+
     ending: Ending | None = None
     failure: TokenrelayError | None = None
     closing = b""
@@ -231,6 +237,7 @@ async def produce(deltas: AsyncIterator[Delta], events: ResponseEvents, opening:
             if not batch:
                 continue
             framed = write(batch)
+            await caught_up()
             if record.first_token is None:
                 record.first_token = time.perf_counter()
             record.chunks += 1
@@ -295,8 +302,9 @@ def _start_background(state: AppState, opener: _Opener, checked: ResponsesBody, 
     log_stream = streams.open(owner=client_name.get(), model=opener.model, wire=WIRE, grace=state.settings.stream_ttl)
     record.stream_id = log_stream.id
     events = ResponseEvents(id=response_id(log_stream.id), model=opener.model, echo=echo_fields(checked))
-    for event in events.start(queued=True):
-        log_stream.log.append(sse(event)[0])
+    queued = [sse(event)[0] for event in events.start(queued=True)]
+    for piece in queued:
+        log_stream.log.append(piece)
     task = asyncio.get_running_loop().create_task(_generate(state, opener, events, log_stream, record))
     _background.add(task)
     task.add_done_callback(_background.discard)
@@ -308,8 +316,7 @@ def _start_background(state: AppState, opener: _Opener, checked: ResponsesBody, 
     streams.detach(log_stream)  # nobody attached: it runs on for its grace, TOKENRELAY_STREAM_TTL
     if stream:
         return _replay_response(state, log_stream, after=0)
-    status = snapshot(_so_far(log_stream))
-    return JSONResponse(status, headers={"x-request-id": record.request_id})
+    return JSONResponse(snapshot(queued), headers={"x-request-id": record.request_id})
 
 
 async def _generate(state: AppState, opener: _Opener, events: ResponseEvents, stream: LiveStream,
@@ -404,13 +411,14 @@ def _terminal(data: str, record: StreamRecord) -> bool:
 
 # --- GET /v1/responses/{id}, POST /v1/responses/{id}/cancel ---
 
-def _find(request: Request) -> tuple[Streams, LiveStream]:
+async def _find(request: Request) -> tuple[Streams, StreamRef]:
     streams = app_state(request).streams
     given = request.path_params["response_id"]
     try:
         if not given.startswith("resp_"):
             raise NotFound("")
-        stream = streams.get(_stream_id(given), owner=client_name.get())
+        # Wherever it runs: this instance, or another one writing it into Redis.
+        stream = await streams.find(_stream_id(given), owner=client_name.get())
         if stream.wire != WIRE:
             raise NotFound("")
     except NotFound:
@@ -422,10 +430,10 @@ def _find(request: Request) -> tuple[Streams, LiveStream]:
 @Endpoint
 async def retrieve_response(request: Request) -> ASGIResponse:
     state = app_state(request)
-    _, stream = _find(request)
+    streams, stream = await _find(request)
     query = request.query_params
     if query.get("stream", "false").lower() not in ("true", "1"):
-        return JSONResponse(_status(stream), headers={"cache-control": "no-store"})
+        return JSONResponse(await _status(streams, stream), headers={"cache-control": "no-store"})
     given = query.get("starting_after")
     try:
         after = -1 if given is None else int(given)
@@ -437,7 +445,7 @@ async def retrieve_response(request: Request) -> ASGIResponse:
     return _replay_response(state, stream, after=after + 1)
 
 
-def _replay_response(state: AppState, stream: LiveStream, *, after: int) -> StreamResponse:
+def _replay_response(state: AppState, stream: StreamRef, *, after: int) -> StreamResponse:
     """The logged events after log piece ``after`` (``sequence_number`` + 1), then live."""
     settings = state.settings
     headers: Headers = [(b"content-type", SSE_CONTENT_TYPE), *STREAM_HEADERS,
@@ -447,24 +455,34 @@ def _replay_response(state: AppState, stream: LiveStream, *, after: int) -> Stre
                           error_response=openai_error)
 
 
-async def _replay(streams: Streams, stream: LiveStream, after: int) -> AsyncGenerator[bytes, None]:
+async def _replay(streams: Streams, stream: StreamRef, after: int) -> AsyncGenerator[bytes, None]:
     async with streams.reading(stream):
-        async for event in stream.log.follow(after):
+        async for event in streams.follow(stream, after):
             if isinstance(event, Ending):
                 return
             yield frame_of_piece(event[1])
 
 
-def _so_far(stream: LiveStream) -> list[str]:
-    """The events logged until now, without waiting for more."""
-    log = stream.log
-    return [log.piece(seq) for seq in range(1, log.last_seq + 1)]
+async def _so_far(streams: Streams, stream: StreamRef) -> tuple[list[str], Ending | None]:
+    """The events logged until now, without waiting for more, and the ending if there is one."""
+    now = await streams.snapshot(stream)
+    pieces: list[str] = []
+    if now.last_seq:
+        events = cast(AsyncGenerator[tuple[int, str] | Ending, None], streams.follow(stream, 0))
+        async with streams.reading(stream), contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Ending):
+                    break
+                pieces.append(event[1])
+                if event[0] >= now.last_seq:
+                    break
+    return pieces, now.ending
 
 
-def _status(stream: LiveStream) -> dict[str, Any]:
-    response = snapshot(_so_far(stream)) or {"id": response_id(stream.id), "object": "response",
-                                              "status": "queued", "model": stream.model, "output": []}
-    ending = stream.log.ending
+async def _status(streams: Streams, stream: StreamRef) -> dict[str, Any]:
+    pieces, ending = await _so_far(streams, stream)
+    response = snapshot(pieces) or {"id": response_id(stream.id), "object": "response",
+                                    "status": "queued", "model": stream.model, "output": []}
     if ending is not None and response.get("status") in ("queued", "in_progress"):
         response["status"] = {"done": "completed", "error": "failed", "stopped": "cancelled"}[ending.kind]
     return response
@@ -472,7 +490,7 @@ def _status(stream: LiveStream) -> dict[str, Any]:
 
 @Endpoint
 async def cancel_response(request: Request) -> JSONResponse:
-    streams, stream = _find(request)
+    streams, stream = await _find(request)
     if not await streams.stop(stream):
-        return JSONResponse(_status(stream), status_code=202, headers={"retry-after": "1"})
-    return JSONResponse(_status(stream))
+        return JSONResponse(await _status(streams, stream), status_code=202, headers={"retry-after": "1"})
+    return JSONResponse(await _status(streams, stream))
