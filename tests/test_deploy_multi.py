@@ -135,7 +135,6 @@ def _start_and_drop(url: str, *, events: int) -> tuple[str, int, str]:
     return stream_id, last, "".join(text)
 
 
-@pytest.mark.xfail(strict=True, reason="resuming on another instance needs the streams kept in Redis (issue 16)")
 def test_a_stream_started_on_one_instance_resumes_on_the_other(multi: Multi) -> None:
     one, other = multi.relays
     stream_id, last, before = _start_and_drop(one.url, events=5)
