@@ -20,9 +20,9 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from ..errors import NotFound
 from .log import Ending, StreamLog
@@ -185,6 +185,22 @@ class Streams:
         assert isinstance(stream, LiveStream)
         log = stream.log
         return Snapshot(log.text(offset), log.last_seq, log.ending)
+
+    async def pieces(self, stream: StreamRef) -> tuple[list[str], Ending | None]:
+        """Every piece logged until now, without waiting for more, and the ending if there is
+        one: for the wires whose pieces are events rather than text (a status rebuilt from them)."""
+        now = await self.snapshot(stream)
+        pieces: list[str] = []
+        if now.last_seq:
+            events = cast(AsyncGenerator[tuple[int, str] | Ending, None], self.follow(stream, 0))
+            async with self.reading(stream), contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, Ending):
+                        break
+                    pieces.append(event[1])
+                    if event[0] >= now.last_seq:
+                        break
+        return pieces, now.ending
 
     async def start(self) -> None:
         """Ready to serve (with Redis: its subscription); nothing to do in memory."""

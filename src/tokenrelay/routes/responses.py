@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import orjson
 from starlette.requests import Request
@@ -463,24 +462,8 @@ async def _replay(streams: Streams, stream: StreamRef, after: int) -> AsyncGener
             yield frame_of_piece(event[1])
 
 
-async def _so_far(streams: Streams, stream: StreamRef) -> tuple[list[str], Ending | None]:
-    """The events logged until now, without waiting for more, and the ending if there is one."""
-    now = await streams.snapshot(stream)
-    pieces: list[str] = []
-    if now.last_seq:
-        events = cast(AsyncGenerator[tuple[int, str] | Ending, None], streams.follow(stream, 0))
-        async with streams.reading(stream), contextlib.aclosing(events):
-            async for event in events:
-                if isinstance(event, Ending):
-                    break
-                pieces.append(event[1])
-                if event[0] >= now.last_seq:
-                    break
-    return pieces, now.ending
-
-
 async def _status(streams: Streams, stream: StreamRef) -> dict[str, Any]:
-    pieces, ending = await _so_far(streams, stream)
+    pieces, ending = await streams.pieces(stream)
     response = snapshot(pieces) or {"id": response_id(stream.id), "object": "response",
                                     "status": "queued", "model": stream.model, "output": []}
     if ending is not None and response.get("status") in ("queued", "in_progress"):
