@@ -16,6 +16,9 @@ import asyncio
 import contextlib
 import gzip
 import json
+import resource
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -426,3 +429,69 @@ def test_the_matrix_ran_at_once(seen: dict[tuple[str, str], Seen]) -> None:
     assert max(cell.seconds for cell in seen.values()) < 20, {k: round(v.seconds, 1) for k, v in seen.items()}
 
 
+
+
+# --- the process row: serve killed mid-stream (mid-job and mid-delivery: test_jobs_restart.py) ---
+
+def test_sigkill_serve_mid_stream_breaks_every_stream_off(start_relay: Callable[..., RelayServer]) -> None:
+    """``serve`` killed while answers stream: each client's body breaks off — text without
+    its terminating chunk, SSE without ``done``, ``/v1`` without ``[DONE]`` — so none takes
+    what it had for the whole answer."""
+    relay = start_relay(upstream=None)
+    slow = {"model": "sim:ttft=0,tps=20,tokens=400", "messages": USER}
+    asks = {"text": ("/api/get-response", slow, {}),
+            "sse": ("/api/get-response", slow, {"accept": "text/event-stream"}),
+            "v1-stream": ("/v1/chat/completions", {**slow, "stream": True}, {})}
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(httpx.Client(base_url=relay.url, timeout=30))
+        streams = {name: stack.enter_context(http.stream("POST", path, json=body, headers=headers))
+                   for name, (path, body, headers) in asks.items()}
+        readers = {name: response.iter_raw() for name, response in streams.items()}
+        received = {name: next(reader) for name, reader in readers.items()}  # each is under way
+        relay.proc.kill()
+        relay.proc.wait(10)
+        for name, reader in readers.items():
+            with pytest.raises(httpx.TransportError):
+                for piece in reader:
+                    received[name] += piece
+    assert received["text"]
+    assert b"event: start" in received["sse"] and b"event: done" not in received["sse"]
+    assert b"data: [DONE]" not in received["v1-stream"]
+
+
+# --- the connections row: 2,000 idle (slowloris and oversize headers: test_exposure.py) ---
+
+IDLE = 2000
+
+
+def test_2000_idle_connections_are_closed_and_the_service_answers_meanwhile(
+        start_relay: Callable[..., RelayServer]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < IDLE + 100:
+        pytest.skip(f"the hard open-file limit is {hard}: this test's own {IDLE} sockets do not fit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, IDLE + 100), hard))
+    relay = start_relay(upstream=None, TOKENRELAY_HEADER_TIMEOUT="2")
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(IDLE):
+            idle.append(socket.create_connection(("127.0.0.1", relay.port), timeout=10))
+        started = time.monotonic()
+        assert httpx.get(relay.url + "/healthz", timeout=10).status_code == 200  # not starved by them
+        # Each silent connection is closed by the server after the header timeout.
+        with selectors.DefaultSelector() as selector:
+            for sock in idle:
+                selector.register(sock, selectors.EVENT_READ)
+            open_ = set(idle)
+            while open_ and time.monotonic() - started < 30:
+                for key, _ in selector.select(timeout=1):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    with contextlib.suppress(ConnectionError):
+                        if sock.recv(1024):
+                            continue  # a closing answer; the close follows
+                    selector.unregister(sock)
+                    open_.discard(sock)
+        assert not open_, f"{len(open_)} of {IDLE} idle connections still open after 30 s"
+    finally:
+        for sock in idle:
+            sock.close()
