@@ -426,7 +426,7 @@ def test_fault_cell(seen: dict[tuple[str, str], Seen], fault: str, client: str) 
 
 def test_the_matrix_ran_at_once(seen: dict[tuple[str, str], Seen]) -> None:
     """The slowest cell bounds the whole matrix: cells ran together, not one after another."""
-    assert max(cell.seconds for cell in seen.values()) < 20, {k: round(v.seconds, 1) for k, v in seen.items()}
+    assert max(cell.seconds for cell in seen.values()) < 30, {k: round(v.seconds, 1) for k, v in seen.items()}
 
 
 

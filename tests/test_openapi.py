@@ -31,7 +31,7 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 QUICK_SIM = {"TOKENRELAY_SIM_TTFT": "0", "TOKENRELAY_SIM_TPS": "0", "TOKENRELAY_SIM_TOKENS": "5"}
 # Each run's bound: examples per operation, and the whole run's wall time.
 MAX_EXAMPLES = 12
-RUN_TIMEOUT = 150
+RUN_TIMEOUT = 300
 CHECKS = ",".join(["not_a_server_error", "status_code_conformance", "content_type_conformance",
                    "response_schema_conformance", "response_headers_conformance"])
 
