@@ -254,7 +254,6 @@ class Operation:
     headers: tuple[tuple[str, dict[str, Any], str], ...] = ()
     public: bool = False
     """Answers without a client key."""
-    description: str = ""
 
 
 _ACCESS = {401: "No client key, or an unknown one (when the service has client keys).",
