@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenrelay.errors import UpstreamProtocolError
 from tokenrelay.providers.sse_decoder import ServerSentEvent, SSEDecoder
 
 # Text with 1- to 4-byte UTF-8 characters, and none of the characters that end a line.
@@ -90,3 +92,12 @@ def test_byte_order_mark_is_skipped_even_when_split() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"\xef") == []
     assert decoder.feed(b"\xbb\xbfdata: x\n\n") == [ServerSentEvent(data="x")]
+
+
+def test_bytes_that_are_not_utf8_are_a_protocol_error_not_replacement_characters() -> None:
+    # Replaced by U+FFFD, a token would reach the client as an answer that looks whole.
+    decoder = SSEDecoder()
+    assert [e.data for e in decoder.feed(b'data: {"a":"caf\xc3\xa9"}\n\n')] == ['{"a":"café"}']
+    with pytest.raises(UpstreamProtocolError, match="not UTF-8"):
+        decoder.feed(b'data: {"a":"caf\xe9"}\n\n')
+    assert [e.data for e in decoder.feed(b"data: next\n\n")] == ["next"]  # nothing of the bad event is kept

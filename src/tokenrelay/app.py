@@ -20,6 +20,7 @@ from .jobs.backend import JobsUnavailable, open_backend
 from .logs import setup_logging
 from .metrics import Metrics
 from .middleware import add_middleware
+from .openapi import openapi_json
 from .ratelimit import Limiter
 from .routes.health import Readiness, readyz
 from .routes.info import healthz, info
@@ -118,6 +119,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", state.metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Mount("/static", PageFiles(), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)

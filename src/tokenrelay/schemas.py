@@ -54,7 +54,7 @@ class ToolCall(_Open):
 
 
 class OpenAIMessage(_Open):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -102,8 +102,9 @@ class OpenAIChatBody(_Open):
     tool_choice: str | NamedToolChoice | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
+    # OpenAI's own ranges, which the simulator and the Anthropic translation hold to as well.
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     stop: str | list[str] | None = None
 
 

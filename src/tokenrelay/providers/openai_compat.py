@@ -63,7 +63,13 @@ class OpenAICompatible:
 
         The body is read by the caller (``async for``), who must close the response. Any
         other status is read, closed and raised as the matching ``UpstreamError``."""
-        return await self._client.post_stream(self.url, body, self._headers if stream else self._whole_headers)
+        response = await self._client.post_stream(self.url, body, self._headers if stream else self._whole_headers)
+        if stream and response.headers.get("content-type", "").partition(";")[0].strip().lower() == "text/html":
+            # A login page or a proxy's notice behind a 200, not the stream asked for: said
+            # now, as a status, rather than after the client was sent the stream's first bytes.
+            response.close()
+            raise UpstreamProtocolError("upstream answered 200 with an HTML page (text/html), not an event stream")
+        return response
 
     async def send_responses(self, body: bytes, *, stream: bool) -> UpstreamResponse:
         """Send a ``/v1/responses`` body as it is (see ``send``)."""

@@ -40,6 +40,10 @@ class SSELineTooLong(UpstreamProtocolError):
     pass
 
 
+class NotUTF8(UpstreamProtocolError):
+    pass
+
+
 class SSEDecoder:
     __slots__ = ("_pending", "_pending_size", "_skip_lf", "_data", "_data_size", "_event", "_id", "_started")
 
@@ -122,12 +126,17 @@ class SSEDecoder:
 
     def _line(self, line: bytes, events: list[ServerSentEvent]) -> None:
         if not line:
-            if self._data:
-                data = b"\n".join(self._data).decode("utf-8", "replace")
-                event = self._event.decode("utf-8", "replace") or "message"
-                events.append(ServerSentEvent(data=data, event=event, id=self._id))
+            lines, name = self._data, self._event
             self._data, self._data_size = [], 0
             self._event = b""
+            if lines:
+                try:
+                    # Strict, not the spec's replacement characters: a token turned into
+                    # U+FFFD would reach the client as an answer that looks whole.
+                    data, event = b"\n".join(lines).decode(), name.decode() or "message"
+                except UnicodeDecodeError as exc:
+                    raise NotUTF8(f"upstream sent bytes that are not UTF-8 in its event stream: {exc}") from None
+                events.append(ServerSentEvent(data=data, event=event, id=self._id))
             return
         if line[0] == 0x3A:  # ':' comment
             return
