@@ -34,6 +34,7 @@ from .routes.jobs import IDEMPOTENCY_KEY_MAX, JobRequest
 from .routes.probe import ProbeParams
 from .routes.streams import Cursor
 from .schemas import ChatRequest, OpenAIChatBody
+from .responses_request import ResponsesBody
 from .state import app_state
 
 # --- the answers' shapes ---
@@ -210,6 +211,31 @@ class ChunkEvent(_Event):
     event: Literal["message"] = "message"
 
 
+class ResponseObject(_Passed):
+    """OpenAI's Response object (``/v1/responses``), as tokenrelay builds it from the logged
+    events or an upstream serving the Responses API passes it on."""
+
+    id: str
+    object: Literal["response"]
+    status: str
+    model: str
+    output: list[dict[str, Any]]
+
+
+class ResponseEvent(_Event):
+    """A Responses streaming event: named by its type (``response.created``,
+    ``response.output_text.delta``, … ``response.completed``, ``response.failed``, ``error``);
+    its data is JSON carrying the same ``type`` and a ``sequence_number``."""
+
+    event: str = Field(pattern=r"^(response\.[a-z_.]+|error)$")
+
+
+class ResponseCursor(_Answer):
+    stream: bool | None = Field(default=None, description="true: the events as SSE, else the Response object.")
+    starting_after: int | None = Field(default=None, ge=-1,
+                                       description="With stream: the events after this sequence_number.")
+
+
 # --- the operations ---
 
 TEXT = "text/plain"
@@ -342,12 +368,36 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                        "or the upstream refused the request.", **_ACCESS, **_UPSTREAM,
          429: _ACCESS[429] + " Or the model API's own rate limit."},
         body=OpenAIChatBody),
+    ("POST", "/v1/responses"): Operation(
+        "OpenAI's Responses API: passed on to an upstream that serves it, else translated to chat completions",
+        "openai",
+        {200: Answer("The Response object (with \"background\": true, at once, queued), or with \"stream\": true "
+                     "its events as SSE; a failure after the first event is response.failed, then error.",
+                     {JSON: ResponseObject, SSE: ResponseEvent})},
+        {**_BODY, 400: "The body is not valid JSON, a field is wrong, or a field this upstream cannot honour "
+                       "(param names it).", **_ACCESS, **_UPSTREAM},
+        body=ResponsesBody),
+    ("GET", "/v1/responses/{response_id}"): Operation(
+        "A response tokenrelay keeps: its object, or with stream=true its events after starting_after, then live",
+        "openai",
+        {200: Answer("The Response object as it is now, or its events as SSE.", {JSON: ResponseObject,
+                                                                                SSE: ResponseEvent})},
+        {400: "starting_after is not a sequence number.",
+         404: "No such response: unknown, expired, another key's, or kept by the upstream itself.",
+         503: "The shared store of streams (Redis) is unreachable; Retry-After says when to retry.", **_ACCESS},
+        query=ResponseCursor, path_params=("response_id",)),
+    ("POST", "/v1/responses/{response_id}/cancel"): Operation(
+        "Stop a response wherever it runs; answers once it stopped (202 if not yet)", "openai",
+        {200: Answer("The Response object, cancelled or already ended.", {JSON: ResponseObject}),
+         202: Answer("Not stopped within a second yet; Retry-After.", {JSON: ResponseObject}, headers=("Retry-After",))},
+        {404: "No such response.", 503: "The shared store of streams (Redis) is unreachable.", **_ACCESS},
+        path_params=("response_id",)),
     ("GET", "/v1/models"): Operation(
         "The models the routes serve", "openai",
         {200: Answer("OpenAI's model list.", {JSON: ModelList})}, {**_ACCESS}),
 }
 
-UNDOCUMENTED = frozenset({"/", "/static", "/healthz", "/readyz", "/metrics", "/openapi.json"})
+UNDOCUMENTED = frozenset({"/", "/favicon.ico", "/static", "/healthz", "/readyz", "/metrics", "/openapi.json"})
 """Routes deliberately left out: the web page and its files, probes for machines, and this
 document itself. The document covers the API: ``/api/*`` and ``/v1/*``."""
 
@@ -419,7 +469,7 @@ def build(routes: Iterable[BaseRoute], *, auth_required: bool, default_model: st
     if default_model is not None:
         # An example the server answers at once, so generated requests reach the upstream
         # rather than stopping at 404 model_not_found.
-        for body in (ChatRequest, OpenAIChatBody, JobRequest):
+        for body in (ChatRequest, OpenAIChatBody, JobRequest, ResponsesBody):
             name = refs[(body, "validation")]["$ref"].rsplit("/", 1)[1]
             schemas[name]["properties"]["model"]["examples"] = [default_model]
     security: list[dict[str, list[str]]] = [{SECURITY_SCHEME: []}]
