@@ -27,7 +27,7 @@ from ..resume.registry import LiveStream, Streams
 from ..schemas import describe_validation
 from ..state import app_state
 from ..streaming.response import StreamResponse, body_of
-from ..streaming.wire import WIRES, Wire
+from ..streaming.wire import WIRES, Wire, openai_content
 from .endpoint import ASGIResponse, Endpoint
 
 
@@ -49,6 +49,15 @@ def _cursor(request: Request) -> Cursor:
         raise ValidationFailed(describe_validation(exc)) from None
 
 
+class NotAcceptable(TokenrelayError):
+    status = 406
+    type = "not_acceptable"
+
+
+_OWN_WIRES = frozenset({"sse", "text"})
+"""The wires whose pieces are the answer's text (``/api/get-response``)."""
+
+
 def _stream(request: Request) -> tuple[Streams, LiveStream]:
     streams = app_state(request).streams
     return streams, streams.get(request.path_params["stream_id"], owner=client_name.get())
@@ -58,9 +67,14 @@ def _stream(request: Request) -> tuple[Streams, LiveStream]:
 async def get_stream(request: Request) -> ASGIResponse:
     streams, stream = _stream(request)
     accept = request.headers.get("accept", "")
-    if "text/event-stream" in accept:
-        wire = WIRES["sse"]
+    if "text/event-stream" in accept or "last-event-id" in request.headers:  # only an SSE reader sends one
+        # /api/get-response's text and SSE answers replay as tokenrelay's SSE; any other wire
+        # (/v1's OpenAI chunks) as itself.
+        wire = WIRES["sse"] if stream.wire in _OWN_WIRES else WIRES[stream.wire]
     elif "text/plain" in accept:
+        if stream.wire not in _OWN_WIRES:
+            raise NotAcceptable(f"a {stream.wire} stream has no plain-text form: ask for text/event-stream "
+                                "(its events) or application/json (its status and text)")
         wire = WIRES["text"]
     else:
         return JSONResponse(status(stream), headers={"x-stream-id": stream.id, "cache-control": "no-store"})
@@ -81,7 +95,9 @@ async def replay(streams: Streams, stream: LiveStream, wire: Wire, cursor: Curso
             async for piece in _text_from(stream.log, cursor.offset):
                 yield piece
             return
-        yield wire.opening(stream.id, stream.model)
+        opening = wire.opening(stream.id, stream.model)
+        if opening:
+            yield opening
         async for event in stream.log.follow(cursor.after):
             if isinstance(event, Ending):
                 closing = wire.ending(event)
@@ -121,7 +137,8 @@ def status(stream: LiveStream) -> dict[str, object]:
         "id": stream.id,
         "model": stream.model,
         "status": ending.status if ending else "running",
-        "text": log.text().decode(),
+        "text": openai_content([log.piece(seq) for seq in range(1, log.last_seq + 1)]) if stream.wire == "openai"
+        else log.text().decode(),
         "last_event_id": log.last_seq,
         "ending": {"kind": ending.kind, **ending.data} if ending else None,
     }
