@@ -251,9 +251,33 @@ def _numbered(pieces: list[bytes]) -> tuple[bytes, list[str]]:
 @pytest.mark.parametrize("nl", [b"\n", b"\r\n"])
 def test_upstream_events_get_ids_and_nothing_else_changes(nl: bytes) -> None:
     stream = nl.join([b": keep-alive", b"", b'data: {"a":1}', b"", b"data: {\"b\":", b"data: 2}", b"",
-                      b'data: {"error":{"message":"x"}}', b"", b"data: [DONE]", b"", b""])
-    for cut in range(1, len(stream)):  # every split of the bytes into two reads
-        out, logged = _numbered([stream[:cut], stream[cut:]])
-        assert logged == ['{"a":1}', '{"b":\n2}']
-        assert out.replace(b"id: 1" + nl, b"", 1).replace(b"id: 2" + nl, b"", 1) == stream
-        assert out.index(b"id: 1" + nl) < out.index(b'data: {"a"') and out.index(b"id: 2" + nl) < out.index(b'{"b"')
+                      b'data:{"c":3}', b"", b'data: {"d":4}', b"", b'data: {"error":{"message":"x"}}', b"",
+                      b"data: [DONE]", b"", b""])
+    events = [b'data: {"a"', b'data: {"b"', b'data:{"c"', b'data: {"d"']
+    splits = [[stream]] + [[stream[:cut], stream[cut:]] for cut in range(1, len(stream))]
+    for reads in splits:  # one read, and every split of the bytes into two
+        out, logged = _numbered(reads)
+        assert logged == ['{"a":1}', '{"b":\n2}', '{"c":3}', '{"d":4}']
+        for seq, event in enumerate(events, 1):
+            assert out.index(b"id: %d%b" % (seq, nl)) + len(b"id: 1") + len(nl) == out.index(event)
+            out = out.replace(b"id: %d%b" % (seq, nl), b"", 1)
+        assert out == stream  # nothing else changed
+
+
+def test_one_data_line_events_in_one_read_are_numbered_in_order() -> None:
+    stream = b"".join(b'data: {"n":%d}\n\n' % n for n in range(5)) + b"data: [DONE]\n\n"
+    out, logged = _numbered([stream])
+    assert logged == ['{"n":%d}' % n for n in range(5)]
+    assert out == b"".join(b'id: %d\ndata: {"n":%d}\n\n' % (n + 1, n) for n in range(5)) + b"data: [DONE]\n\n"
+
+
+def test_a_v1_stream_id_is_its_keys_alone(start_relay: Callable[..., RelayServer], sim_server: SimServer) -> None:
+    relay = start_relay(upstream=sim_server.url + "/v1", TOKENRELAY_API_KEYS="key-one-123456,key-two-654321")
+    one = {"authorization": "Bearer key-one-123456"}
+    two = {"authorization": "Bearer key-two-654321"}
+    first = httpx.post(relay.url + "/v1/chat/completions", json=body(model="sim:ttft=0,tps=0,tokens=5"),
+                       headers=one, timeout=30)
+    url = f"{relay.url}/api/streams/{first.headers['x-stream-id']}"
+    assert httpx.get(url, headers={**one, "accept": "text/event-stream"}).content == first.content
+    assert httpx.get(url, headers={**two, "accept": "text/event-stream"}).status_code == 404
+    assert httpx.delete(url, headers=two).status_code == 404

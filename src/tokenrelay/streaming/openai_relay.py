@@ -208,12 +208,36 @@ class EventNumbers:
             return self._hold(buf)
         end += len(sep)
         if end == len(buf):
-            whole, self._partial = buf, b""
+            self._partial = b""
         else:
-            whole, self._partial = buf[:end], buf[end:]
-        if whole.find(sep) + len(sep) == end:  # nearly always: one event per read
-            return self._event(whole[:-len(sep)], whole)
-        return b"".join(self._event(block, block + sep) for block in whole[:-len(sep)].split(sep))
+            self._partial, buf = buf[end:], buf[:end]
+        nl = self._nl
+        append = self._append
+        # A chunk's data is a JSON object: "data: {" leaves out comments and [DONE] at once. An
+        # error event is looked for once per read, and is rare.
+        plain = b'"error"' not in buf
+        if plain and buf.startswith(b"data: {") and buf.find(nl) + len(sep) == end:
+            # Nearly always: one event of one data line per read, found out in one scan.
+            return b"id: %d%b%b" % (append(buf[6:end - len(sep)].decode()), nl, buf)
+        blocks = buf.split(sep)
+        blocks.pop()  # what follows the last blank line: nothing
+        parts: list[bytes] = []
+        if plain and buf.count(nl) == 2 * len(blocks):  # events of one line each
+            for block in blocks:
+                if block.startswith(b"data: {"):
+                    parts.append(b"id: %d%b%b%b" % (append(block[6:].decode()), nl, block, sep))
+                    continue
+                data = self._data(block)
+                if data is not None:
+                    parts.append(b"id: %d%b" % (append(data.decode()), nl))
+                parts.append(block + sep)
+            return b"".join(parts)
+        for block in blocks:
+            data = self._data(block)
+            if data is not None:
+                parts.append(b"id: %d%b" % (append(data.decode()), nl))
+            parts.append(block + sep)
+        return b"".join(parts)
 
     def _hold(self, buf: bytes) -> bytes:
         if len(buf) > MAX_EVENT:
@@ -221,20 +245,20 @@ class EventNumbers:
         self._partial = buf
         return b""
 
-    def _event(self, block: bytes, raw: bytes) -> bytes:
+    def _data(self, block: bytes) -> bytes | None:
+        """The data of an event that is a chunk; None for anything else (a comment, the
+        ending)."""
         nl = self._nl
         if block.startswith(b"data: ") and nl not in block:
             data = block[6:]
         else:
             lines = [line[5:] for line in block.split(nl) if line.startswith(b"data:")]
             if not lines:
-                return raw  # a comment, or a blank line: no chunk
-            data = nl.join(line[1:] if line[:1] == b" " else line for line in lines)
-            if nl != b"\n":
-                data = data.replace(nl, b"\n")
+                return None
+            data = b"\n".join(line[1:] if line[:1] == b" " else line for line in lines)
         if data == b"[DONE]" or (b'"error"' in data and _is_error(data)):
-            return raw
-        return b"id: %d%b%b" % (self._append(data.decode()), nl, raw)
+            return None
+        return data
 
 
 def _is_error(data: bytes) -> bool:
