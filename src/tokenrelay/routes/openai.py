@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ..config import Settings
 from ..errors import TokenrelayError, ValidationFailed
 from ..logs import client_name, request_id
 from ..providers.base import OpenAIRequest
@@ -54,6 +55,17 @@ def check_body(body: dict[str, Any]) -> OpenAIChatBody:
         raise _Param(describe_validation(exc), param=param) from None
 
 
+def _grace(request: Request, settings: Settings) -> float:
+    """0 (leaving stops the model) unless the request sends ``X-Resume-Grace``; a bad one is a
+    400, as OpenAI answers bad input."""
+    if "x-resume-grace" not in request.headers:
+        return 0.0
+    try:
+        return resume_grace(request, settings)
+    except ValidationFailed as exc:
+        raise _Param(exc.message, param=None) from None
+
+
 @Endpoint
 async def chat_completions(request: Request) -> StreamResponse:
     state = app_state(request)
@@ -74,7 +86,7 @@ async def chat_completions(request: Request) -> StreamResponse:
     if stream:
         # Logged as it is relayed, so it can be resumed and stopped at /api/streams/{id}. Leaving
         # still stops it at once (OpenAI's semantics) unless the request asks for a grace.
-        grace = resume_grace(request, settings) if "x-resume-grace" in request.headers else 0.0
+        grace = _grace(request, settings)
         live = state.streams.open(owner=client_name.get(), model=model, wire="openai", grace=grace)
         resume = V1Resume(live, WIRES["openai"], state.streams)
         stream_id = live.id
