@@ -266,9 +266,10 @@ def test_upstream_events_get_ids_and_nothing_else_changes(nl: bytes) -> None:
         assert out == stream  # nothing else changed
 
 
-def test_one_data_line_events_in_one_read_are_numbered_in_order() -> None:
-    stream = b"".join(b'data: {"n":%d}\n\n' % n for n in range(5)) + b"data: [DONE]\n\n"
-    out, logged = _numbered([stream])
+@pytest.mark.parametrize("reads", [1, 2])  # the ending in the same read as the chunks, or in its own
+def test_one_data_line_events_in_one_read_are_numbered_in_order(reads: int) -> None:
+    chunks = b"".join(b'data: {"n":%d}\n\n' % n for n in range(5))
+    out, logged = _numbered([chunks + b"data: [DONE]\n\n"] if reads == 1 else [chunks, b"data: [DONE]\n\n"])
     assert logged == ['{"n":%d}' % n for n in range(5)]
     assert out == b"".join(b'id: %d\ndata: {"n":%d}\n\n' % (n + 1, n) for n in range(5)) + b"data: [DONE]\n\n"
 
