@@ -178,13 +178,14 @@ class EventNumbers:
     an event only at its blank line anyway; one cut in the middle is never sent, so the
     client meets the error event next rather than a broken one."""
 
-    __slots__ = ("_append", "_partial", "_sep", "_nl")
+    __slots__ = ("_append", "_partial", "_sep", "_nl", "_event")
 
     def __init__(self, append: Callable[[str], int]) -> None:
         self._append = append
         self._partial = b""
         self._sep = b""  # found in the first line: "\n\n", or "\r\n\r\n" from some servers
         self._nl = b"\n"
+        self._event = b"id: %d\n%b\n\n"  # an event of one line, numbered
 
     @property
     def pending(self) -> bool:
@@ -202,7 +203,8 @@ class EventNumbers:
             if line == -1:
                 return self._hold(buf)
             sep = self._sep = b"\r\n\r\n" if buf[line - 1:line] == b"\r" else b"\n\n"
-            self._nl = sep[:len(sep) // 2]
+            self._nl = nl = sep[:len(sep) // 2]
+            self._event = b"id: %d" + nl + b"%b" + sep
         end = buf.rfind(sep)
         if end == -1:
             return self._hold(buf)
@@ -225,10 +227,11 @@ class EventNumbers:
         if plain and buf.count(nl) == 2 * len(blocks):  # events of one line each
             if buf.startswith(b"data: {") and buf.count(sep + b"data: {") == len(blocks) - 1:
                 # Each a chunk: a relay that fell behind reads many at a time, so no test per event.
-                return b"".join([b"id: %d%b%b%b" % (append(block[6:].decode()), nl, block, sep) for block in blocks])
+                event = self._event
+                return b"".join([event % (append(block[6:].decode()), block) for block in blocks])
             for block in blocks:
                 if block.startswith(b"data: {"):
-                    parts.append(b"id: %d%b%b%b" % (append(block[6:].decode()), nl, block, sep))
+                    parts.append(self._event % (append(block[6:].decode()), block))
                     continue
                 data = self._data(block)
                 if data is not None:
