@@ -35,8 +35,12 @@ def test_stream_bytes_are_the_upstreams(relay_server: RelayServer, sim_server: S
     assert relayed.status_code == direct.status_code == 200
     assert relayed.headers["content-type"] == direct.headers["content-type"]
     assert relayed.headers["x-accel-buffering"] == "no"
-    # Identical but for each completion's id and creation time.
-    assert _VOLATILE.sub(b"", relayed_bytes) == _VOLATILE.sub(b"", direct_bytes)
+    # Identical but for each completion's id and creation time, and each chunk's id line
+    # (dense from 1, for a resume: docs/resume.md).
+    ids = re.findall(rb"^id: (\d+)\n", relayed_bytes, re.MULTILINE)
+    assert ids == [str(i).encode() for i in range(1, len(ids) + 1)] and len(ids) == direct_bytes.count(b"data: {")
+    assert _VOLATILE.sub(b"", re.sub(rb"^id: \d+\n", b"", relayed_bytes, flags=re.MULTILINE)) == \
+        _VOLATILE.sub(b"", direct_bytes)
     assert relayed_bytes.endswith(b"data: [DONE]\n\n")
     assert relayed_bytes.count(b'"id":"chatcmpl-sim') > 5
 

@@ -18,18 +18,21 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from ..errors import ValidationFailed
-from ..logs import request_id
+from ..config import Settings
+from ..errors import TokenrelayError, ValidationFailed
+from ..logs import client_name, request_id
 from ..providers.base import OpenAIRequest
 from ..resume.registry import new_stream_id
 from ..routing import Attempts
 from ..schemas import OpenAIChatBody, describe_validation, parse_json_object, parse_openai_body
 from ..state import app_state
-from ..streaming.openai_relay import STREAM_HEADERS, openai_error, v1_body
+from ..streaming.openai_relay import STREAM_HEADERS, V1Resume, failed, openai_error, v1_body
 from ..streaming.record import StreamRecord
 from ..streaming.response import Body, StreamResponse
+from ..streaming.wire import WIRES
 from .endpoint import Endpoint
 from .request_body import read_json_body
+from .stream import resume_grace
 
 
 class _Param(ValidationFailed):
@@ -52,6 +55,17 @@ def check_body(body: dict[str, Any]) -> OpenAIChatBody:
         raise _Param(describe_validation(exc), param=param) from None
 
 
+def _grace(request: Request, settings: Settings) -> float:
+    """0 (leaving stops the model) unless the request sends ``X-Resume-Grace``; a bad one is a
+    400, as OpenAI answers bad input."""
+    if "x-resume-grace" not in request.headers:
+        return 0.0
+    try:
+        return resume_grace(request, settings)
+    except ValidationFailed as exc:
+        raise _Param(exc.message, param=None) from None
+
+
 @Endpoint
 async def chat_completions(request: Request) -> StreamResponse:
     state = app_state(request)
@@ -68,22 +82,42 @@ async def chat_completions(request: Request) -> StreamResponse:
         body["model"] = model
         raw = raw.rstrip()[:-1] + b',"model":' + orjson.dumps(model) + b"}"
     state.router.resolve(model)  # an unknown model is a 404 before anything starts
-    record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model,
+    resume: V1Resume | None = None
+    if stream:
+        # Logged as it is relayed, so it can be resumed and stopped at /api/streams/{id}. Leaving
+        # still stops it at once (OpenAI's semantics) unless the request asks for a grace.
+        grace = _grace(request, settings)
+        live = state.streams.open(owner=client_name.get(), model=model, wire="openai", grace=grace)
+        resume = V1Resume(live, WIRES["openai"], state.streams)
+        stream_id = live.id
+    else:
+        stream_id = new_stream_id()
+    record = StreamRecord(request_id=request_id.get(), stream_id=stream_id, model=model,
                           mode="sse" if stream else "json", route="/v1/chat/completions")
     include_usage = bool(checked.stream_options and checked.stream_options.include_usage)
     provider = state.provider
     headers = [*STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
+    if resume is not None:
+        headers.append((b"x-stream-id", stream_id.encode()))
 
     async def open_body() -> Body:
         attempts = Attempts()
         try:
             opened = await provider.open_openai(OpenAIRequest(raw, body, stream), model=model, attempts=attempts)
+        except BaseException as exc:  # refused, or stopped while the upstream was asked
+            if resume is not None:
+                resume.streams.finished(resume.stream, failed(exc) if isinstance(exc, TokenrelayError)
+                                        else resume.stopped(record))
+            raise
         finally:
             record.attempts = str(attempts)
-        return v1_body(opened, record, headers, stream=stream, include_usage=include_usage)
+        return v1_body(opened, record, headers, resume=resume, include_usage=include_usage)
 
-    return StreamResponse(open_body, headers=headers, record=record, observer=state.metrics,
-                          send_timeout=settings.send_timeout, error_response=openai_error)
+    response = StreamResponse(open_body, headers=headers, record=record, observer=state.metrics,
+                              send_timeout=settings.send_timeout, error_response=openai_error, resumable=resume)
+    if resume is not None:
+        resume.stream.stopper = response.stop
+    return response
 
 
 async def list_models(request: Request) -> JSONResponse:

@@ -27,7 +27,7 @@ from ..resume.registry import StreamRef, Streams
 from ..schemas import describe_validation
 from ..state import app_state
 from ..streaming.response import StreamResponse, body_of
-from ..streaming.wire import WIRES, Wire
+from ..streaming.wire import WIRES, Wire, text_of_events
 from .endpoint import ASGIResponse, Endpoint
 
 
@@ -53,14 +53,34 @@ def _find_args(request: Request) -> tuple[Streams, str, str | None]:
     return app_state(request).streams, request.path_params["stream_id"], client_name.get()
 
 
+class NotAcceptable(TokenrelayError):
+    status = 406
+    type = "not_acceptable"
+
+
+_OWN_WIRES = frozenset({"sse", "text"})
+"""The wires whose pieces are the answer's text (``/api/get-response``)."""
+
+
 @Endpoint
 async def get_stream(request: Request) -> ASGIResponse:
     streams, stream_id, owner = _find_args(request)
     stream = await streams.find(stream_id, owner=owner)
     accept = request.headers.get("accept", "")
-    if "text/event-stream" in accept:
-        wire = WIRES["sse"]
+    if "text/event-stream" in accept or "last-event-id" in request.headers:  # only an SSE reader sends one
+        # /api/get-response's text and SSE answers replay as tokenrelay's SSE; any other wire
+        # (/v1's OpenAI chunks) as itself.
+        if stream.wire in _OWN_WIRES:
+            wire = WIRES["sse"]
+        elif stream.wire in WIRES:
+            wire = WIRES[stream.wire]
+        else:  # a Responses API stream: its own cursor, by sequence_number
+            raise NotAcceptable(f"a {stream.wire} stream replays at GET /v1/responses/resp_{stream.id[3:]}"
+                                "?stream=true&starting_after=N; here: application/json for its status and text")
     elif "text/plain" in accept:
+        if stream.wire not in _OWN_WIRES:
+            raise NotAcceptable(f"a {stream.wire} stream has no plain-text form: ask for text/event-stream "
+                                "(its events) or application/json (its status and text)")
         wire = WIRES["text"]
     else:
         return JSONResponse(await status(streams, stream),
@@ -82,7 +102,9 @@ async def replay(streams: Streams, stream: StreamRef, wire: Wire, cursor: Cursor
             async for piece in _text_from(streams, stream, cursor.offset):
                 yield piece
             return
-        yield wire.opening(stream.id, stream.model)
+        opening = wire.opening(stream.id, stream.model)
+        if opening:
+            yield opening
         async for event in streams.follow(stream, cursor.after):
             if isinstance(event, Ending):
                 closing = wire.ending(event)
@@ -118,13 +140,17 @@ async def delete_stream(request: Request) -> JSONResponse:
 
 
 async def status(streams: Streams, stream: StreamRef) -> dict[str, object]:
-    now = await streams.snapshot(stream)
-    ending = now.ending
+    if stream.wire in _OWN_WIRES:
+        now = await streams.snapshot(stream)
+        text, last_seq, ending = now.text.decode(), now.last_seq, now.ending
+    else:  # pieces that are events: the text is read out of them
+        pieces, ending = await streams.pieces(stream)
+        text, last_seq = text_of_events(stream.wire, pieces), len(pieces)
     return {
         "id": stream.id,
         "model": stream.model,
         "status": ending.status if ending else "running",
-        "text": now.text.decode(),
-        "last_event_id": now.last_seq,
+        "text": text,
+        "last_event_id": last_seq,
         "ending": {"kind": ending.kind, **ending.data} if ending else None,
     }

@@ -23,17 +23,46 @@ DONE = b"data: [DONE]\n\n"
 class ChunkEncoder:
     """Encodes one answer's deltas as ``chat.completion.chunk`` events."""
 
-    __slots__ = ("id", "created", "model", "_head", "_text_prefix")
+    __slots__ = ("id", "created", "model", "_head", "_json_head", "_text_prefix", "_text_json_prefix")
 
     _TEXT_SUFFIX = b'},"finish_reason":null}]}\n\n'
+    _TEXT_JSON_SUFFIX = b'},"finish_reason":null}]}'
 
     def __init__(self, *, id: str, model: str, created: int | None = None) -> None:
         self.id = id
         self.model = model
         self.created = int(time.time()) if created is None else created
         head = orjson.dumps({"id": id, "object": "chat.completion.chunk", "created": self.created, "model": model})
-        self._head = b"data: " + head[:-1]
-        self._text_prefix = self._head + b',"choices":[{"index":0,"delta":{"content":'
+        self._json_head = head[:-1]
+        self._head = b"data: " + self._json_head
+        self._text_json_prefix = self._json_head + b',"choices":[{"index":0,"delta":{"content":'
+        self._text_prefix = b"data: " + self._text_json_prefix
+
+    # --- each chunk as its JSON alone, for a relay that numbers and logs its events ---
+
+    def role_json(self) -> bytes:
+        return self._json_head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}'
+
+    def text_json(self, text: str) -> bytes:
+        return self._text_json_prefix + orjson.dumps(text) + self._TEXT_JSON_SUFFIX
+
+    def jsons(self, delta: Delta, *, include_usage: bool) -> list[bytes]:
+        """The chunks of ``encode``, each as its JSON: text, tool calls, finish, usage."""
+        out: list[bytes] = []
+        if delta.text:
+            out.append(self.text_json(delta.text))
+        if delta.tool_calls:
+            calls = orjson.dumps([c.to_dict() for c in delta.tool_calls])
+            out.append(self._json_head + b',"choices":[{"index":0,"delta":{"tool_calls":' + calls
+                       + self._TEXT_JSON_SUFFIX)
+        if delta.finish_reason is not None:
+            out.append(self._json_head + b',"choices":[{"index":0,"delta":{},"finish_reason":'
+                       + orjson.dumps(delta.finish_reason) + b"}]}")
+        if delta.usage is not None and include_usage:
+            out.append(self._json_head + b',"choices":[],"usage":' + orjson.dumps(delta.usage.to_dict()) + b"}")
+        return out
+
+    # --- whole events (``data: …``), for a stream nobody resumes (the simulator's own) ---
 
     def role(self) -> bytes:
         return self._head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'

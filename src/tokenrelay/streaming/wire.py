@@ -10,7 +10,9 @@ that looks complete.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
+
+import orjson
 
 from ..resume.log import Ending
 from . import sse
@@ -58,4 +60,102 @@ class TextWire:
         return b"" if ending.kind == "done" else None
 
 
-WIRES: dict[str, Wire] = {"sse": SSEWire(), "text": TextWire()}
+class OpenAIWire:
+    """``/v1/chat/completions``: OpenAI's chunks. A piece is one event's data — a
+    ``chat.completion.chunk`` as JSON, as the encoder or the upstream wrote it — and goes out
+    as ``id: N`` + ``data: …``; the SDKs ignore the ``id:`` line, which the SSE spec allows.
+    The ending has no id, as it is not a chunk: ``data: [DONE]`` when done, else one error
+    event, ``{"error": {"message", "type", "param", "code"}}``, which the official SDKs raise
+    as ``APIError`` — a stopped answer too (code ``stream_stopped``), so a caller never takes
+    a stopped answer for a whole one."""
+
+    name = "openai"
+    content_type = b"text/event-stream; charset=utf-8"
+    ping: bytes | None = sse.PING  # an SSE comment: the SDKs skip it
+
+    def opening(self, stream_id: str, model: str) -> bytes:
+        return b""
+
+    def piece(self, seq: int, text: str) -> bytes:
+        if "\n" in text:  # an upstream event of several data lines, joined by the log
+            return b"id: %d\n%b\n\n" % (seq, b"\n".join(b"data: " + line for line in text.encode().split(b"\n")))
+        return openai_event(seq, text.encode())
+
+    def ending(self, ending: Ending) -> bytes:
+        if ending.kind == "done":
+            return OPENAI_DONE
+        return b"data: " + orjson.dumps(openai_error_of(ending)) + b"\n\n"
+
+
+OPENAI_DONE = b"data: [DONE]\n\n"
+
+
+def openai_event(seq: int, payload: bytes) -> bytes:
+    """One chunk on the ``openai`` wire; the relay's hot path calls it with the JSON it already
+    has as bytes, so the first connection's bytes are the replay's by construction."""
+    return b"id: %d\ndata: %b\n\n" % (seq, payload)
+
+
+def openai_error_of(ending: Ending) -> dict[str, Any]:
+    """The error event of an ending that is not ``done``. ``/v1`` logs its failures in
+    OpenAI's shape (what its client was sent); an error logged in tokenrelay's own shape
+    (``{"type", "message"}``) and a stop are put in it here."""
+    if ending.kind == "stopped":
+        reason = str(ending.data.get("reason") or "stopped")
+        why = _STOP_REASONS.get(reason, reason)
+        return {"error": {"message": f"the answer was stopped: {why}", "type": "server_error", "param": None,
+                          "code": "stream_stopped", "reason": reason}}
+    error = ending.data.get("error")
+    if not isinstance(error, dict):
+        error = {"message": str(error or "the answer failed")}
+    if not set(error) <= {"type", "message"}:  # OpenAI's shape, or an upstream's own: as it was sent
+        return {"error": error}
+    return {"error": {"message": error.get("message", "the answer failed"), "type": "server_error", "param": None,
+                      "code": error.get("type", "upstream_error")}}
+
+
+_STOP_REASONS = {
+    "stopped": "DELETE /api/streams/{id} asked for it",
+    "abandoned": "nobody read it for its resume grace",
+    "client_cancelled": "its client left",
+    "shutdown": "the server shut down",
+}
+
+
+def openai_content(pieces: list[str]) -> str:
+    """The answer's text in a ``/v1`` stream's pieces: each chunk's ``delta.content``, joined.
+    For a status request only, never on the relay's path."""
+    parts: list[str] = []
+    for piece in pieces:
+        try:
+            chunk = orjson.loads(piece)
+        except orjson.JSONDecodeError:
+            continue
+        for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+            delta = choice.get("delta") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str):
+                    parts.append(content)
+    return "".join(parts)
+
+
+WIRES: dict[str, Wire] = {"sse": SSEWire(), "text": TextWire(), "openai": OpenAIWire()}
+
+
+def text_of_events(wire: str, pieces: list[str]) -> str:
+    """The answer's text in a stream whose pieces are events: ``/v1`` chat chunks
+    (``openai``), or the Responses API's events (``responses``: its output text deltas)."""
+    if wire == "openai":
+        return openai_content(pieces)
+    parts: list[str] = []
+    for piece in pieces:
+        try:
+            event = orjson.loads(piece)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("type") == "response.output_text.delta":
+            delta = event.get("delta")
+            if isinstance(delta, str):
+                parts.append(delta)
+    return "".join(parts)
