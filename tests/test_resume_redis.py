@@ -579,3 +579,36 @@ def test_a_response_cut_on_one_instance_resumes_on_the_other_by_sequence_number(
     cancelled = on_b.responses.cancel(running.id)
     assert cancelled.status == "cancelled"
     assert on_a.responses.retrieve(running.id).status == "cancelled"
+
+
+def test_a_v1_stream_cut_on_one_instance_is_read_to_done_on_the_other_by_the_sdk(
+        pair: tuple[RelayServer, RelayServer]) -> None:
+    """``/v1`` streams on Redis: started on A with a resume grace, cut after event 4, read to
+    ``data: [DONE]`` on B by the official OpenAI SDK — the chunks A never sent, and no others."""
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+
+    a, b = pair
+    request = {"model": "sim:ttft=0,tps=50,tokens=60", "stream": True,
+               "messages": [{"role": "user", "content": "hi"}]}
+    whole = httpx.post(a.url + "/v1/chat/completions", json=request, timeout=30)
+    reference = [ChatCompletionChunk.model_validate_json(line[6:]) for line in whole.text.splitlines()
+                 if line.startswith("data: {")]
+    sent = []
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", a.url + "/v1/chat/completions", json=request, headers={"x-resume-grace": "30"}) as response:
+        stream_id = response.headers["x-stream-id"]
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                sent.append(ChatCompletionChunk.model_validate_json(line[6:]))
+            if len(sent) == 4:
+                break
+    with openai.OpenAI(base_url=b.url, api_key="unused", max_retries=0, timeout=30) as sdk:
+        rest = list(sdk.get(f"/api/streams/{stream_id}", cast_to=ChatCompletionChunk, stream=True,
+                            stream_cls=openai.Stream[ChatCompletionChunk],
+                            options={"headers": {"Last-Event-ID": "4"}}))
+
+    def comparable(chunks: list[ChatCompletionChunk]) -> list[dict[str, object]]:
+        return [c.model_dump(exclude={"id", "created"}) for c in chunks]
+
+    assert comparable(sent + rest) == comparable(reference)
