@@ -33,7 +33,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path: Path) -> None:
 
     assert results["machine"]["cores"] >= 1 and results["versions"]["tokenrelay"]
     w = results["workloads"]
-    assert set(w) == {"W0", "W1", "W2", "W3", "W4", "W5"}
+    assert set(w) == {"W0", "W1", "W2", "W3", "W4", "W5", "W6"}
     for name in ("direct", "tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1", "tokenrelay-responses",
                  "tokenrelay-responses-tr", "baseline-text", "baseline-v1"):
         assert w["W0"]["results"][name]["errors"] == 0

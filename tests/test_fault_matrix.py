@@ -400,12 +400,11 @@ EXPECTED: dict[str, dict[str, str]] = {
     "not-utf8": {"text": "200 broken off", "sse": "200 event: error upstream_protocol_error",
                  "one-shot": "502 upstream_protocol_error", "v1-stream": "200 data: error upstream_protocol_error",
                  "v1-whole": "502 upstream_protocol_error", "job": "failed upstream_protocol_error"},
-    # SSE has sent its start event when the line begins; /v1 passes the upstream's bytes on as
-    # they come and holds none, so the unfinished line reaches the client until the upstream
-    # goes silent, then the error as an event of its own.
+    # SSE has sent its start event when the line begins; /v1 sends whole events only (each gets
+    # its id: line first), so with the line as the first event nothing has been sent: a 502.
     "huge-line": {"text": "502 upstream_protocol_error", "sse": "200 event: error upstream_protocol_error",
                   "one-shot": "502 upstream_protocol_error",
-                  "v1-stream": "200 an unfinished line, then data: error upstream_timeout",
+                  "v1-stream": "502 upstream_protocol_error",
                   "v1-whole": "502 upstream_protocol_error", "job": "failed upstream_protocol_error"},
 }
 
