@@ -12,7 +12,9 @@ passes untouched, so a client that reconnects gets through::
 closed before any answer), those beyond the list pass. ``reroute`` sends every connection
 after the first to another server, as a load balancer may send a reconnect elsewhere.
 ``stall``: a cut connection is not closed but goes silent (a dead network path, a frozen
-proxy), until the cutter closes.
+proxy), until the cutter closes. ``switch_to(url)`` sends every new connection to another
+server and closes the open ones under their clients, as a network switch or a failover to
+another instance does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Cutter:
         self._closing = threading.Event()
         self.cut_count = 0
         self.connections = 0
+        self._target: tuple[str, int] | None = None
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         cutter = self
 
@@ -55,9 +59,11 @@ class Cutter:
         with self._lock:
             index = self.connections
             self.connections += 1
+            target = self._target or (self.upstream if index == 0 else self.reroute)
+            self._open.add(client)
         limit = self.limits[index] if index < len(self.limits) else None
         try:
-            upstream = socket.create_connection(self.upstream if index == 0 else self.reroute, timeout=30)
+            upstream = socket.create_connection(target, timeout=30)
         except OSError:  # nothing listens there: the client sees its connection closed
             client.close()
             return
@@ -71,12 +77,24 @@ class Cutter:
                 if self.stall:  # the connection stays open, silent: only a read timeout notices
                     self._closing.wait()
         finally:
+            with self._lock:
+                self._open.discard(client)
             for sock in (client, upstream):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
                 sock.close()
+
+    def switch_to(self, url: str) -> None:
+        with self._lock:
+            self._target = _address(url)
+            cut = list(self._open)
+        for sock in cut:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._closing.set()

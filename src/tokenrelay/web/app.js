@@ -967,7 +967,7 @@ function finishStats(view, run, usage, finishReason) {
     if (seconds > 0 && tokens > 0) tps = tokens / seconds;
   }
   const parts = [];
-  if (run.resumed) parts.push("continued after a reload");
+  if (run.resumed) parts.push("continued after " + (run.reason || "a reload"));
   else parts.push(ttft === null ? "no tokens received" : "first token " + formatNumber(ttft, 0) + " ms");
   if (tps !== null) parts.push(formatNumber(tps, 1) + " tokens/s");
   if (run.firstTokenAt !== null && !run.resumed) {
@@ -1143,6 +1143,7 @@ async function readStream(run, open) {
   try {
     const res = await open(run.controller.signal);
     if (!res.ok) {
+      if (run.resumed && res.status >= 502 && res.status <= 504 && reconnect(run)) return;
       const err = await errorOf(res);
       if (run.resumed && res.status === 404) {
         // Expired (or its process restarted): what was stored is all there is.
@@ -1176,7 +1177,7 @@ async function readStream(run, open) {
         break;
       }
     }
-    if (!run.settled) {
+    if (!run.settled && !reconnect(run)) {
       settle(run, "failed", {
         type: "connection_lost",
         message: "The stream ended before the answer was complete.",
@@ -1185,7 +1186,7 @@ async function readStream(run, open) {
   } catch (err) {
     if (run.stopRequested) {
       settle(run, "stopped", null);
-    } else if (!run.settled && !unloading) {
+    } else if (!run.settled && !unloading && !reconnect(run)) {
       settle(run, run.resumed ? "interrupted" : "failed", {
         type: "connection_lost",
         message: "Connection lost: " + (err && err.message ? err.message : String(err)),
@@ -1246,6 +1247,36 @@ function send(text) {
     body: JSON.stringify(request.body),
     signal,
   }));
+}
+
+/** Pauses before each try to continue an answer whose connection was lost midway. */
+const RECONNECT_PAUSES_MS = [250, 500, 1000, 2000, 4000];
+
+/**
+ * A connection lost midway (a network switch, a proxy restarting, an instance going away
+ * behind a load balancer) is not the end of the answer: the server goes on writing it for its
+ * resume grace. So the page asks any instance for the rest after its last stored event, a few
+ * times with growing pauses, before it calls the answer failed. True when a try is under way.
+ */
+function reconnect(run) {
+  const { view, turn } = run;
+  const attempt = run.reconnects || 0;
+  if (!turn.streamId || run.stopRequested || unloading || attempt >= RECONNECT_PAUSES_MS.length) return false;
+  save();
+  setTimeout(() => {
+    const next = newRun(view, true);
+    next.reconnects = attempt + 1;
+    next.reason = "a lost connection";
+    if (active || turn.state !== "streaming") {
+      settle(next, "interrupted", { type: "connection_lost", message: "The connection was lost midway." });
+      refreshActions();
+      return;
+    }
+    const headers = { Accept: "text/event-stream", ...authHeaders() };
+    if (turn.lastEventId) headers["Last-Event-ID"] = String(turn.lastEventId);
+    readStream(next, (signal) => fetch("/api/streams/" + encodeURIComponent(turn.streamId), { headers, signal }));
+  }, RECONNECT_PAUSES_MS[attempt]);
+  return true;
 }
 
 /** An answer that was streaming when the page went away goes on from its last stored event. */
