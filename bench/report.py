@@ -165,7 +165,12 @@ def goals_table(results: dict[str, Any]) -> str:
     on its first row only, so the table reads as goal → tokenrelay's routes → the others."""
     lines = ["| workload | goal | route | figure | | others in the same run |", "|---|---|---|---|---|---|"]
     previous: tuple[str, str] | None = None
-    for g in results.get("goals", []):
+    goals: list[dict[str, Any]] = results.get("goals", [])
+    # Grouped by goal, in the order the goals first appear (a workload may list them per route).
+    first_seen: dict[tuple[str, str], int] = {}
+    for i, g in enumerate(goals):
+        first_seen.setdefault((g["workload"], g["goal"]), i)
+    for g in sorted(goals, key=lambda g: first_seen[(g["workload"], g["goal"])]):
         first = (g["workload"], g["goal"]) != previous
         previous = (g["workload"], g["goal"])
         peers = ", ".join(f"{k} {_fmt(v)}" for k, v in g["peers"].items()) if first else ""
