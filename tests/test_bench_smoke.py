@@ -45,7 +45,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path: Path) -> None:
             assert figures["errors"] == 0
             assert _positive(figures["tokens_per_s"]) and _positive(figures["ratio_to_direct"])
             assert _positive(figures["cpu_s_per_mtok"])
-    assert set(w["W3"]["results"]) == {"direct ×40", "tokenrelay-sse ×40"}
+    assert set(w["W3"]["results"]) == {"direct ×40", "floor ×40", "tokenrelay-sse ×40"}
     for w3 in w["W3"]["results"].values():
         assert w3["completed"] == w3["streams"] > 0 and _positive(w3["relay_rss_peak_mb"])
     assert _positive(w["W4"]["results"]["tokenrelay-sse"]["tokens_read"])
