@@ -66,6 +66,15 @@ def _grace(request: Request, settings: Settings) -> float:
         raise _Param(exc.message, param=None) from None
 
 
+def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
+    """The request as the upstream gets it: a body sent without a model has the default
+    written in (into ``body`` and ``raw``), the rest of its bytes as sent."""
+    if body.get("model") is not None:
+        return raw
+    body["model"] = model
+    return raw.rstrip()[:-1] + b',"model":' + orjson.dumps(model) + b"}"
+
+
 @Endpoint
 async def chat_completions(request: Request) -> StreamResponse:
     state = app_state(request)
@@ -77,10 +86,7 @@ async def chat_completions(request: Request) -> StreamResponse:
     model = checked.model or settings.default_model
     if model is None:
         raise _Param("model: required, since no default model is set (TOKENRELAY_MODEL)", param="model")
-    if body.get("model") is None:
-        # The upstream needs a model too: the default is written in, the rest stays as sent.
-        body["model"] = model
-        raw = raw.rstrip()[:-1] + b',"model":' + orjson.dumps(model) + b"}"
+    raw = with_model(raw, body, model)
     state.router.resolve(model)  # an unknown model is a 404 before anything starts
     resume: V1Resume | None = None
     if stream:

@@ -59,6 +59,7 @@ from ..streaming.relay import close_deltas
 from ..streaming.response import Body, Headers, StreamResponse, body_of
 from ..streaming.responses_events import Event, ResponseEvents, frame, frame_of_piece, snapshot, sse
 from .endpoint import ASGIResponse, Endpoint
+from .openai import with_model
 from .request_body import read_json_body
 from .stream import resume_grace
 
@@ -93,9 +94,7 @@ async def create_response(request: Request) -> ASGIResponse:
     model = checked.model or settings.default_model
     if model is None:
         raise Unsupported("model: required, since no default model is set (TOKENRELAY_MODEL)", param="model")
-    if body.get("model") is None:
-        body["model"] = model
-        raw = orjson.dumps(body)
+    raw = with_model(raw, body, model)
     state.router.resolve(model)  # an unknown model is a 404 before anything starts
     stream, background = bool(checked.stream), bool(checked.background)
     record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model,
