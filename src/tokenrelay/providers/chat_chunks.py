@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..errors import UpstreamError, UpstreamProtocolError
-from .base import Delta, ToolCallDelta, UpstreamBody, Usage, event_object
+from .base import Delta, ToolCallDelta, UpstreamBody, event_object
 from .http import error_message
+from .openai_compat import usage_of
 from .sse_decoder import SSEDecoder
 
 
@@ -54,12 +55,7 @@ def _delta(chunk: dict[str, Any]) -> Delta | None:
         calls = tuple(_call(c) for c in delta.get("tool_calls") or ())
         finish = choice.get("finish_reason")
         finish = None if finish is None else _str(finish)
-    usage = None
-    raw = chunk.get("usage")
-    if raw:
-        prompt = int(raw.get("prompt_tokens") or 0)
-        completion = int(raw.get("completion_tokens") or 0)
-        usage = Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
+    usage = usage_of(chunk.get("usage"))
     if not text and not calls and finish is None and usage is None:
         return None
     return Delta(text=text, finish_reason=finish, usage=usage, tool_calls=calls)

@@ -165,15 +165,19 @@ def _delta(data: str) -> Delta | None:
             text = _str(content)
         finish = choice.get("finish_reason")
         finish = None if finish is None else _str(finish)
-    usage = None
-    raw_usage = chunk.get("usage")
-    if raw_usage:
-        prompt = int(raw_usage.get("prompt_tokens") or 0)
-        completion = int(raw_usage.get("completion_tokens") or 0)
-        usage = Usage(prompt, completion, int(raw_usage.get("total_tokens") or prompt + completion))
+    usage = usage_of(chunk.get("usage"))
     if not text and finish is None and usage is None:
         return None
     return Delta(text=text, finish_reason=finish, usage=usage)
+
+
+def usage_of(raw: Any) -> Usage | None:
+    """A chunk's ``usage`` object, as tokenrelay counts it (None when there is none)."""
+    if not raw:
+        return None
+    prompt = int(raw.get("prompt_tokens") or 0)
+    completion = int(raw.get("completion_tokens") or 0)
+    return Usage(prompt, completion, int(raw.get("total_tokens") or prompt + completion))
 
 
 def _str(value: object) -> str:
