@@ -550,7 +550,7 @@ def test_on_a_redis_cluster_a_stream_resumes_and_stops_across_instances(
 
 
 def test_a_response_cut_on_one_instance_resumes_on_the_other_by_sequence_number(
-        pair: tuple[RelayServer, RelayServer]) -> None:
+        pair: tuple[RelayServer, RelayServer], redis_url: str) -> None:
     """The Responses API's own cursor across instances: a response created on A, its stream
     cut after ``sequence_number`` 6, is resumed, retrieved and cancelled on B with the official
     SDK — exactly the missing events, the same object."""
@@ -559,26 +559,33 @@ def test_a_response_cut_on_one_instance_resumes_on_the_other_by_sequence_number(
     a, b = pair
     on_a = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", max_retries=0)
     on_b = openai.OpenAI(base_url=b.url + "/v1", api_key="unused", max_retries=0)
-    stream = on_a.responses.create(model="sim:ttft=0,tps=60,tokens=40", input="hi", stream=True, background=True)
-    first = []
-    for event in stream:
-        first.append(event)
-        if event.sequence_number == 6:
-            break
-    stream.close()
-    response_id = first[0].response.id
-    rest = list(on_b.responses.retrieve(response_id, stream=True, starting_after=6))
-    assert [e.sequence_number for e in rest][0] == 7 and rest[-1].type == "response.completed"
-    whole = list(on_b.responses.retrieve(response_id, stream=True))
-    assert [e.model_dump() for e in first + rest] == [e.model_dump() for e in whole]
-    text = "".join(e.delta for e in whole if e.type == "response.output_text.delta")
-    assert on_b.responses.retrieve(response_id).output_text == text
+    with on_a, on_b:
+        stream = on_a.responses.create(model="sim:ttft=0,tps=60,tokens=40", input="hi", stream=True, background=True)
+        first = []
+        for event in stream:
+            first.append(event)
+            if event.sequence_number == 6:
+                break
+        stream.close()
+        response_id = first[0].response.id
+        rest = list(on_b.responses.retrieve(response_id, stream=True, starting_after=6))
+        assert [e.sequence_number for e in rest][0] == 7 and rest[-1].type == "response.completed"
+        whole = list(on_b.responses.retrieve(response_id, stream=True))
+        assert [e.model_dump() for e in first + rest] == [e.model_dump() for e in whole]
+        text = "".join(e.delta for e in whole if e.type == "response.output_text.delta")
+        assert on_b.responses.retrieve(response_id).output_text == text
 
-    # A running background response is cancelled from the instance that does not run it.
-    running = on_a.responses.create(model="sim:ttft=0,tps=20,tokens=400", input="hi", background=True)
-    cancelled = on_b.responses.cancel(running.id)
-    assert cancelled.status == "cancelled"
-    assert on_a.responses.retrieve(running.id).status == "cancelled"
+        # A running background response is cancelled from the instance that does not run it.
+        # Its id is a promise that every instance knows it: Redis has it before the answer
+        # comes, even when Redis is slow to take writes.
+        with redis.Redis.from_url(redis_url) as store:
+            store.client_pause(1000, all=False)  # writes (and scripts) wait a second; reads go on
+            running = on_a.responses.create(model="sim:ttft=0,tps=20,tokens=400", input="hi", background=True)
+            meta = "tokenrelay:stream:{st_" + running.id.removeprefix("resp_") + "}:meta"
+            assert store.hget(meta, "epoch")
+        cancelled = on_b.responses.cancel(running.id)
+        assert cancelled.status == "cancelled"
+        assert on_a.responses.retrieve(running.id).status == "cancelled"
 
 
 def test_a_v1_stream_cut_on_one_instance_is_read_to_done_on_the_other_by_the_sdk(

@@ -218,8 +218,8 @@ class _Writer:
     lease. Pieces wait here until Redis has them (bounded by the stream's own size cap), so
     an outage loses nothing and a retry duplicates nothing."""
 
-    __slots__ = ("caught_up", "epoch", "ending", "failing", "first", "pending", "pending_bytes", "sent_ending", "store",
-                 "stream", "task", "wake")
+    __slots__ = ("caught_up", "epoch", "ending", "failing", "first", "pending", "pending_bytes", "registered",
+                 "sent_ending", "store", "stream", "task", "wake")
 
     def __init__(self, store: RedisStreams, stream: LiveStream) -> None:
         self.store, self.stream = store, stream
@@ -232,6 +232,7 @@ class _Writer:
         self.ending: Ending | None = None
         self.sent_ending = False
         self.wake = asyncio.Event()
+        self.registered = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     def add(self, seq: int, text: str) -> None:
@@ -271,6 +272,7 @@ class _Writer:
                             args=[self.epoch, _owner_field(stream.owner), stream.model, stream.wire,
                                   f"{stream.created:.3f}", int(LEASE * 1000), store.keep_ms])
                         registered = True
+                        self.registered.set()
                         if stop:
                             store.stop_local(stream, "stopped")
                     if await self.flush():
@@ -527,6 +529,19 @@ class RedisStreams(Streams):
         stream.log.backlog = writer.backlog
         self._writers[stream.id] = writer
         return stream
+
+    async def published(self, stream: LiveStream) -> None:
+        writer = self._writers.get(stream.id)
+        if writer is None:
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await writer.registered.wait()
+        except TimeoutError:
+            # Degraded, not failed: the stream runs and this instance serves it; another
+            # instance finds it once Redis has taken its registration.
+            log.warning("%s: Redis did not register the stream within %g s; other instances find it "
+                        "once it has", stream.id, self.timeout)
 
     def finished(self, stream: LiveStream, ending: Ending) -> None:
         self._ended(stream, ending)

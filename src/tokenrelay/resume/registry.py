@@ -132,6 +132,10 @@ class Streams:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return stream
 
+    async def published(self, stream: LiveStream) -> None:
+        """Return once every instance can find ``stream``: before its id is handed to a client
+        that may use it elsewhere at once (a background response). In memory: already."""
+
     def finished(self, stream: LiveStream, ending: Ending) -> None:
         """The answer ended, however: it stays readable for ``ttl``."""
         self._ended(stream, ending)

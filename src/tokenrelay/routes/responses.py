@@ -101,7 +101,7 @@ async def create_response(request: Request) -> ASGIResponse:
                           mode="sse" if stream else "json", route=ROUTE)
     opener = _Opener(state, raw, body, model, passthrough=not background)
     if background:
-        return _start_background(state, opener, checked, record, stream=stream)
+        return await _start_background(state, opener, checked, record, stream=stream)
 
     answer = _Answer(state.streams)
     headers: Headers = [*STREAM_HEADERS, (b"x-request-id", record.request_id.encode())]
@@ -293,7 +293,7 @@ def _usage(record: StreamRecord) -> dict[str, int] | None:
 
 # --- background ---
 
-def _start_background(state: AppState, opener: _Opener, checked: ResponsesBody, record: StreamRecord, *,
+async def _start_background(state: AppState, opener: _Opener, checked: ResponsesBody, record: StreamRecord, *,
                       stream: bool) -> ASGIResponse:
     """Log the queued response, generate it in a task of its own, and answer at once."""
     streams = state.streams
@@ -312,6 +312,7 @@ def _start_background(state: AppState, opener: _Opener, checked: ResponsesBody, 
 
     log_stream.stopper = stop
     streams.detach(log_stream)  # nobody attached: it runs on for its grace, TOKENRELAY_STREAM_TTL
+    await streams.published(log_stream)  # its id may be cancelled on another instance at once
     if stream:
         return _replay_response(state, log_stream, after=0)
     return JSONResponse(snapshot(queued), headers={"x-request-id": record.request_id})
