@@ -157,6 +157,12 @@ def start_floor(log_dir: Path) -> Server:
                   env=python_env())
 
 
+def start_floor_relay(log_dir: Path, upstream_root: str) -> Server:
+    port = free_port()
+    return Server("floor-relay", [sys.executable, "-m", "bench.floor_relay", "--port", str(port),
+                                  "--upstream", upstream_root], port=port, log_dir=log_dir, env=python_env())
+
+
 def start_baseline(log_dir: Path, upstream: str) -> Server:
     port = free_port()
     args = [sys.executable, "-m", "uvicorn", "bench.baseline_relay:app", "--port", str(port),

@@ -119,9 +119,11 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if r["cpu_ratio"] is not None:
             add("W6", "relay CPU per token ≤ 1.3× the same route without Redis, every concurrency (highest shown)",
                 name, r["cpu_ratio"], r["cpu_ratio"] <= 1.3, "×")
-        if r["redis_commands_per_piece"] is not None:
-            add("W6", "Redis commands per relayed piece ≤ 1 (highest shown)", name, r["redis_commands_per_piece"],
-                r["redis_commands_per_piece"] <= 1, "")
+        if r.get("redis_calls_per_piece") is not None:
+            # A call is one command the relay sends (a round trip); the commands a script
+            # runs inside Redis are shown in the W6 table, not graded (docs/resume.md).
+            add("W6", "Redis calls (commands the relay sends) per relayed piece ≤ 1 (highest shown)", name,
+                r["redis_calls_per_piece"], r["redis_calls_per_piece"] <= 1, "")
         counts = r["redis_connections"]
         add("W6", "Redis connections independent of the number of readers", name,
             " → ".join(f"{n} readers: {c}" for n, c in counts.items()), len(set(counts.values())) == 1)
@@ -305,12 +307,15 @@ def markdown(results: dict[str, Any], *, chart_name: str) -> str:
                 f"on a real redis-server; other load {w['W6']['other_cpu_cores']} cores)", "",
                 f"Time to first token: {p['pairs']} sequential pairs, the two relays alternating first. Latency "
                 f"under load: {p['w1']}, one wave. Throughput: {p['tokens']} tokens per stream with no delay, "
-                f"{p['seconds_each']:g} s at each concurrency.", "",
+                f"{p['seconds_each']:g} s at each concurrency. Redis calls: commands the relay sent, counted by "
+                f"Redis's MONITOR in windows of their own (it slows Redis); commands: every command Redis ran, "
+                f"those inside the relay's scripts included (INFO commandstats, in the CPU windows).", "",
                 "| streams kept | TTFT p50 ms | under load: TTFT p99 ms, gap p99 ms | "
-                + " | ".join(f"c={c}: CPU s per million tokens · Redis commands per piece" for c in cs) + " |",
-                "|---|---|---|" + "---|" * len(cs)]
+                + " | ".join(f"c={c}: CPU s per million tokens · Redis calls · commands per piece" for c in cs)
+                + " |", "|---|---|---|" + "---|" * len(cs)]
         for k, f in r.items():
-            cells = [f"{_fmt(f[c]['cpu_s_per_mtok'], 1)} · {_fmt(f[c]['redis_commands_per_piece'], 3)}" for c in cs]
+            cells = [f"{_fmt(f[c]['cpu_s_per_mtok'], 1)} · {_fmt(f[c].get('redis_calls_per_piece'), 3)} · "
+                     f"{_fmt(f[c]['redis_commands_per_piece'], 3)}" for c in cs]
             out.append(f"| {k} | {_fmt(f['ttft_ms_p50'], 3)} | {_fmt(f['w1']['ttft_ms']['p99'])}, "
                        f"{_fmt(f['w1']['gap_ms']['p99'])} | " + " | ".join(cells) + " |")
         counts = w["W6"]["redis_connections"]

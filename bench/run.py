@@ -10,6 +10,8 @@ Targets (what a stream goes through on its way from the simulator to the load ge
     tokenrelay-responses-tr  tokenrelay, POST /v1/responses translated to chat completions for an
                        upstream that serves only those (a second simulator, ``--chat-only``)
     nginx              nginx with proxy_buffering off in front of the simulator: the class to aim at
+    floor-relay        the floor for relaying in Python: uvicorn and tokenrelay's upstream client
+                       passing each read through, nothing else (bench/floor_relay.py)
     nginx+tokenrelay   the shipped deploy/nginx config in front of tokenrelay (when it exists)
     baseline-text      the original design's route (Starlette + httpx), decoding every delta
     baseline-v1        the same, passing /v1 bytes through
@@ -41,7 +43,8 @@ import psutil
 from . import loadgen, nginx, peers, redis_proc
 from .loadgen import (OPENAI, RESPONSES, TEXT, TR_SSE, Ask, Target, make_session, ms, one_stream, percentile,
                       run_streams, summarize)
-from .procs import ROOT, Server, export_source, start_baseline, start_floor, start_sim, start_tokenrelay
+from .procs import (ROOT, Server, export_source, start_baseline, start_floor, start_floor_relay, start_sim,
+                    start_tokenrelay)
 from .sizes import Sizes
 
 QUESTION = "How does a relay stream an answer without holding it back?"
@@ -111,7 +114,8 @@ class Bench:
         sim.wait_ready()
         self.servers["sim"] = sim
         upstream = sim.url + "/v1"
-        pending = [start_tokenrelay(self.log_dir, upstream), start_baseline(self.log_dir, upstream)]
+        pending = [start_tokenrelay(self.log_dir, upstream), start_baseline(self.log_dir, upstream),
+                   start_floor_relay(self.log_dir, sim.url)]
         if nginx.available():
             pending.append(nginx.start_proxy(self.log_dir, upstream=sim.url, name="nginx"))
         for server in pending:
@@ -158,6 +162,9 @@ class Bench:
             if has_v1(old.url):
                 self._add(f"{label}-v1", old.url, OPENAI, label)
             self.notes.append(f"{label}-*: tokenrelay as of {ref} ({git_describe(ref) or ref}), run beside this checkout")
+        self._add("floor-relay", self.servers["floor-relay"].url, OPENAI, "floor-relay")
+        self.notes.append("floor-relay: the floor for relaying in Python (bench/floor_relay.py): uvicorn and "
+                          "tokenrelay's upstream client passing each read through as it came, nothing else")
         base = self.servers["baseline"]
         self._add("baseline-text", base.url, TEXT, "baseline")
         self._add("baseline-v1", base.url, OPENAI, "baseline")
@@ -710,7 +717,7 @@ class Bench:
     async def w6(self) -> dict[str, Any]:
         """The same SSE route on two fresh relays, its streams kept in memory and on a real
         redis-server (TOKENRELAY_REDIS_URL): what Redis adds to the first token, to the CPU
-        per token, in Redis commands per relayed piece, and whether Redis's connections grow
+        per token, in Redis calls (and commands run, scripts' included) per relayed piece, and whether Redis's connections grow
         with the readers of a stream (they must not: one hub per stream per instance)."""
         s = self.sizes
         if not redis_proc.available():
@@ -772,6 +779,19 @@ class Bench:
                     self.log(f"  W6 {k} c={c}: {figures['cpu_s_per_mtok']} CPU s per million tokens, "
                              f"{figures['redis_commands_per_piece']} Redis commands per piece")
 
+            # Calls per piece: the Redis relay's windows again, with MONITOR telling the calls
+            # the relay sent from the commands its scripts ran (not above: MONITOR slows Redis).
+            for c in s.w2_concurrency:
+                log_at = relays["redis"].log_path.stat().st_size
+                with store.monitor() as seen:
+                    await self._throughput_window(targets["redis"], relays["redis"], flat, c, s.w2_seconds)
+                pieces = _pieces_logged(relays["redis"].log_path, log_at)
+                figures = out["redis"][str(c)]
+                figures.update({"calls_pieces": pieces, "redis_calls": seen.sent, "redis_in_scripts": seen.in_scripts,
+                                "redis_calls_per_piece": round(seen.sent / pieces, 3) if pieces else None})
+                self.log(f"  W6 redis c={c}: {figures['redis_calls_per_piece']} Redis calls per piece "
+                         f"({seen.sent} calls, {seen.in_scripts} commands inside scripts, {pieces} pieces)")
+
             connections = await self._redis_connections(targets["redis"], store)
             self.log(f"  W6 Redis connections by readers of one stream: {connections}")
         finally:
@@ -782,6 +802,7 @@ class Bench:
                   for c in s.w2_concurrency
                   if out["redis"][str(c)]["cpu_s_per_mtok"] and out["memory"][str(c)]["cpu_s_per_mtok"]]
         per_piece = [out["redis"][str(c)]["redis_commands_per_piece"] for c in s.w2_concurrency]
+        calls = [out["redis"][str(c)]["redis_calls_per_piece"] for c in s.w2_concurrency]
         return {"params": {"pairs": s.w0_rounds, "concurrency": list(s.w2_concurrency), "tokens": s.w2_tokens,
                            "seconds_each": s.w2_seconds, "readers": list(s.w6_readers),
                            "w1": f"{s.w1_streams} streams × {s.w1_tokens} tokens × {s.w1_interval * 1000:g} ms"},
@@ -789,6 +810,7 @@ class Bench:
                 "added_ttft_ms": added,
                 "cpu_ratio": round(max(ratios), 3) if len(ratios) == len(s.w2_concurrency) else None,
                 "redis_commands_per_piece": max((x for x in per_piece if x is not None), default=None),
+                "redis_calls_per_piece": max((x for x in calls if x is not None), default=None),
                 "redis_connections": connections}
 
     async def _redis_connections(self, target: Target, store: redis_proc.RedisProcess) -> dict[str, int]:

@@ -12,9 +12,11 @@ Per stream, all keys share the hash tag ``{id}`` (one slot, so Redis Cluster run
 The owner's hot path never waits for Redis: the asking connection gets each piece from the
 producer, and a per-stream ``_Writer`` sends whatever accumulated since its last call as ONE
 script call (``_APPEND``), which checks the epoch and the next seq (a retried batch skips what
-was written; a fenced owner cannot write), publishes one doorbell with the last seq, renews
-the lease and answers the stop flag — so a stop is noticed on the next append, or on the
-lease renewal of a silent upstream, or at once from the stop channel.
+was written; a fenced owner cannot write), publishes one doorbell with the last seq and
+answers the stop flag; at most every ``RENEW`` s the same call also renews the lease and the
+keys' expiry and asks whether anyone reads elsewhere — so a batch runs a handful of Redis
+commands, and a stop is noticed on the next append, or on the lease renewal of a silent
+upstream, or at once from the stop channel.
 
 Readers cost Redis connections per instance, not per reader: one ``_Hub`` per stream per
 instance reads new entries on the shared pool when the one doorbell subscription rings (or on
@@ -91,12 +93,15 @@ def _keys(stream_id: str) -> tuple[str, str, str, str]:
 
 
 # KEYS meta log lease readers; ARGV epoch first n ending lease_ms keep_ms done_ms id bell pieces...
+# lease_ms 0: no renewal in this call — the lease, the keys' expiry and the readers' check are
+# renewed every RENEW, not with every batch, so a batch costs HMGET, its XADDs, HSET, PUBLISH.
 _APPEND = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'stop', 'last', 'ending')
+local epoch, stop = meta[1], meta[2] or ''
 if not epoch then return {-1, '', 0} end
-local stop = redis.call('HGET', KEYS[1], 'stop') or ''
 if epoch ~= ARGV[1] then return {-2, stop, 0} end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
+local before = tonumber(meta[3])
+local last = before
 local first = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 if n > 0 and first > last + 1 then return redis.error_reply('gap: ' .. last .. ' then ' .. first) end
@@ -107,20 +112,26 @@ for i = 1, n do
     last = seq
   end
 end
-redis.call('HSET', KEYS[1], 'last', last)
-local readers = redis.call('EXISTS', KEYS[4])
+local readers = 0
 if ARGV[4] ~= '' then
-  if not redis.call('HGET', KEYS[1], 'ending') then redis.call('HSET', KEYS[1], 'ending', ARGV[4]) end
+  if meta[4] then redis.call('HSET', KEYS[1], 'last', last)
+  else redis.call('HSET', KEYS[1], 'last', last, 'ending', ARGV[4]) end
   redis.call('DEL', KEYS[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   redis.call('PUBLISH', ARGV[9], ARGV[8] .. ' end')
-else
+  return {last, stop, readers}
+end
+if last > before then redis.call('HSET', KEYS[1], 'last', last) end
+if ARGV[5] ~= '0' then
   redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  if n > 0 then redis.call('PUBLISH', ARGV[9], ARGV[8] .. ' ' .. last) end
+  readers = redis.call('EXISTS', KEYS[4])
+elseif before == 0 and last > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])  -- the log was just made: a dead owner's still expires
 end
+if last > before then redis.call('PUBLISH', ARGV[9], ARGV[8] .. ' ' .. last) end
 return {last, stop, readers}
 """
 
@@ -128,15 +139,19 @@ return {last, stop, readers}
 # stop can come before the stream registered (durable), but only its owner's counts. A retry
 # whose first try did register (its answer lost) finds its own epoch: done already.
 _REGISTER = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if epoch == ARGV[1] then return redis.call('HGET', KEYS[1], 'stop') or '' end
-if epoch then return redis.error_reply('stream id taken') end
-if redis.call('HGET', KEYS[1], 'stop_by') ~= ARGV[2] then redis.call('HDEL', KEYS[1], 'stop') end
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'stop', 'stop_by')
+if meta[1] == ARGV[1] then return meta[2] or '' end
+if meta[1] then return redis.error_reply('stream id taken') end
+local stop = meta[2]
+if stop and meta[3] ~= ARGV[2] then
+  redis.call('HDEL', KEYS[1], 'stop')
+  stop = false
+end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[2], 'model', ARGV[3], 'wire', ARGV[4],
            'created', ARGV[5], 'last', 0)
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return redis.call('HGET', KEYS[1], 'stop') or ''
+return stop or ''
 """
 
 # KEYS meta; ARGV owner reason pending_ms id stops. {status, ending}: 'ended', 'pending',
@@ -219,7 +234,7 @@ class _Writer:
     an outage loses nothing and a retry duplicates nothing."""
 
     __slots__ = ("caught_up", "epoch", "ending", "failing", "first", "pending", "pending_bytes", "registered",
-                 "sent_ending", "store", "stream", "task", "wake")
+                 "renewed", "sent_ending", "store", "stream", "task", "wake")
 
     def __init__(self, store: RedisStreams, stream: LiveStream) -> None:
         self.store, self.stream = store, stream
@@ -233,6 +248,8 @@ class _Writer:
         self.sent_ending = False
         self.wake = asyncio.Event()
         self.registered = asyncio.Event()
+        self.renewed = 0.0
+        """When the lease was last renewed: the next batch after RENEW renews it again."""
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     def add(self, seq: int, text: str) -> None:
@@ -272,10 +289,13 @@ class _Writer:
                             args=[self.epoch, _owner_field(stream.owner), stream.model, stream.wire,
                                   f"{stream.created:.3f}", int(LEASE * 1000), store.keep_ms])
                         registered = True
+                        self.renewed = time.monotonic()
                         self.registered.set()
                         if stop:
                             store.stop_local(stream, "stopped")
-                    if await self.flush():
+                    # Nothing to write and the lease still fresh: no call at all.
+                    if (self.pending or self.ending is not None or time.monotonic() - self.renewed >= RENEW) \
+                            and await self.flush():
                         return
                     backoff, failing_since, self.failing = 0.05, 0.0, False
                 except _TROUBLE as exc:
@@ -315,8 +335,10 @@ class _Writer:
             count += 1
             size += len(piece)
         ending = self.ending if count == len(self.pending) else None
+        now = time.monotonic()
+        renew = now - self.renewed >= RENEW
         args: list[str | int] = [self.epoch, self.first, count, _ending_json(ending) if ending else "",
-                                 int(LEASE * 1000), store.keep_ms, store.done_ms, stream.id, BELL]
+                                 int(LEASE * 1000) if renew else 0, store.keep_ms, store.done_ms, stream.id, BELL]
         args.extend(self.pending[:count])
         last, stop, readers = await store.script_append(keys=_keys(stream.id), args=args)
         if last == -1:
@@ -327,6 +349,8 @@ class _Writer:
             # Another instance declared it lost (its lease ran out): it is not ours to write.
             store.stop_local(stream, "stream_lost")
             return True
+        if renew:
+            self.renewed = now
         del self.pending[:count]
         self.first += count
         self.pending_bytes -= size
