@@ -16,7 +16,9 @@ from typing import Any
 from yarl import URL
 
 from tokenrelay.providers.http11 import Pool
+from tokenrelay.providers.transport import RequestUnanswered
 
+REQUEST_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 UPSTREAM = URL(sys.argv[sys.argv.index("--upstream") + 1]) if "--upstream" in sys.argv else URL("http://127.0.0.1")
 pool = Pool(size=1024, connect_timeout=10)
@@ -39,8 +41,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
-    conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]),
-                              {"content-type": "application/json", "accept": "text/event-stream"}, body)
+    try:
+        conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
+    except RequestUnanswered:  # a kept connection the simulator closed: the one retry tokenrelay makes too
+        conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
     try:
         await send({"type": "http.response.start", "status": conn.status, "headers": HEADERS})
         while data := await conn.read():

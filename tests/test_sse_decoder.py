@@ -101,3 +101,41 @@ def test_bytes_that_are_not_utf8_are_a_protocol_error_not_replacement_characters
     with pytest.raises(UpstreamProtocolError, match="not UTF-8"):
         decoder.feed(b'data: {"a":"caf\xe9"}\n\n')
     assert [e.data for e in decoder.feed(b"data: next\n\n")] == ["next"]  # nothing of the bad event is kept
+
+
+def decode_data(pieces: list[bytes]) -> list[str]:
+    decoder = SSEDecoder()
+    data = [d for piece in pieces for d in decoder.feed_data(piece)]
+    assert not decoder.close()
+    return data
+
+
+@settings(max_examples=400)
+@given(streams(), st.lists(st.integers(min_value=0), max_size=20))
+def test_data_alone_is_the_events_data_however_split(stream: tuple[bytes, list[ServerSentEvent]],
+                                                     cuts: list[int]) -> None:
+    data, expected = stream
+    assert decode_data(split(data, cuts)) == [e.data for e in expected]
+
+
+@settings(max_examples=300)
+@given(st.lists(texts, min_size=1, max_size=8), st.lists(st.integers(min_value=0), max_size=6),
+       st.lists(st.booleans(), max_size=8))
+def test_reads_of_whole_data_events_give_the_same_data(lines: list[str], cuts: list[int],
+                                                       at_boundaries: list[bool]) -> None:
+    """The shape of nearly every read from a model API — whole ``data: …`` events — split
+    at event boundaries (the whole-read path) and anywhere else (the line-by-line path)."""
+    events = [f"data: {line}\n\n".encode() for line in lines]
+    stream = b"".join(events)
+    ends = [sum(len(e) for e in events[:i + 1]) for i in range(len(events))]
+    points = [ends[i] for i, keep in enumerate(at_boundaries[:len(ends)]) if keep] + list(cuts)
+    pieces = split(stream, points)
+    assert decode_data([b"data: first\n\n", *pieces]) == ["first", *lines]
+
+
+def test_whole_data_events_that_are_not_utf8_are_a_protocol_error() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_data(b"data: a\n\n") == ["a"]
+    assert decoder.feed_data(b'data: {"a":"caf\xc3\xa9"}\n\ndata: b\n\n') == ['{"a":"café"}', "b"]
+    with pytest.raises(UpstreamProtocolError, match="not UTF-8"):
+        decoder.feed_data(b'data: {"a":"caf\xe9"}\n\n')

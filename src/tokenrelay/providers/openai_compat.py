@@ -116,24 +116,24 @@ async def chat_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
         texts: list[str] = []
         failure: UpstreamError | None = None
         done = False
-        for event in decoder.feed(chunk):
-            if event.data == "[DONE]":
+        for data in decoder.feed_data(chunk):
+            if data == "[DONE]":
                 done = True
                 break
             try:
-                delta = _delta(event.data)
+                delta = _delta(data)
             except UpstreamError as exc:
                 failure = exc
                 break
             except (AttributeError, LookupError, TypeError, ValueError):
                 # JSON, but not a chunk's shape (a string for an object, text that is a number)
                 failure = UpstreamProtocolError(f"upstream sent an event that is not a chat completion chunk: "
-                                                f"{event.data[:80]!r}")
+                                                f"{data[:80]!r}")
                 break
             if delta is None:
                 continue
-            if delta.finish_reason is None and delta.usage is None:
-                texts.append(delta.text)
+            if isinstance(delta, str):
+                texts.append(delta)
                 continue
             if texts:
                 yield Delta(text="".join(texts))
@@ -150,8 +150,10 @@ async def chat_deltas(chunks: AsyncIterable[bytes]) -> AsyncIterator[Delta]:
         raise UpstreamProtocolError("upstream closed the stream before the answer finished")
 
 
-def _delta(data: str) -> Delta | None:
-    """One ``chat.completion.chunk`` → a Delta (None when it carries nothing)."""
+def _delta(data: str) -> str | Delta | None:
+    """One ``chat.completion.chunk`` → its text alone when that is all it carries (most
+    chunks: no object made for them), a Delta when it ends the answer or counts its usage,
+    None when it carries nothing."""
     chunk = event_object(data)
     if "error" in chunk:
         raise UpstreamError(f"upstream sent an error: {error_message(chunk['error'])}")
@@ -166,8 +168,8 @@ def _delta(data: str) -> Delta | None:
         finish = choice.get("finish_reason")
         finish = None if finish is None else _str(finish)
     usage = usage_of(chunk.get("usage"))
-    if not text and finish is None and usage is None:
-        return None
+    if finish is None and usage is None:
+        return text or None
     return Delta(text=text, finish_reason=finish, usage=usage)
 
 
