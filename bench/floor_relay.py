@@ -21,7 +21,7 @@ from tokenrelay.providers.transport import RequestUnanswered
 REQUEST_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 UPSTREAM = URL(sys.argv[sys.argv.index("--upstream") + 1]) if "--upstream" in sys.argv else URL("http://127.0.0.1")
-pool = Pool(size=1024, connect_timeout=10)
+pool = Pool(size=20_000, connect_timeout=10)  # as the bench's tokenrelay: W3 holds 10,000 streams
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -157,9 +157,9 @@ def start_floor(log_dir: Path) -> Server:
                   env=python_env())
 
 
-def start_floor_relay(log_dir: Path, upstream_root: str) -> Server:
+def start_floor_relay(log_dir: Path, upstream_root: str, *, name: str = "floor-relay") -> Server:
     port = free_port()
-    return Server("floor-relay", [sys.executable, "-m", "bench.floor_relay", "--port", str(port),
+    return Server(name, [sys.executable, "-m", "bench.floor_relay", "--port", str(port),
                                   "--upstream", upstream_root], port=port, log_dir=log_dir, env=python_env())
 
 

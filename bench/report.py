@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 TOKENRELAY = ("tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1")
-OTHERS = ("nginx", "nginx+tokenrelay-sse", "nginx+tokenrelay-v1", "baseline-text", "baseline-v1", "litellm",
+OTHERS = ("nginx", "floor-relay", "nginx+tokenrelay-sse", "nginx+tokenrelay-v1", "baseline-text", "baseline-v1", "litellm",
           "litellm-workers", "portkey")
 
 
@@ -95,7 +95,9 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             held = f["completed"] == streams and f["stalled_streams"] == 0
             add("W3", f"{streams} streams held, none stalled", name,
                 f"{f['completed']}/{streams} completed, {f['stalled_streams']} stalled", held)
-            add("W3", "≤ 20 KB relay memory per open stream", name, f["kb_per_stream"], f["kb_per_stream"] <= 20, "KB")
+            floors = {floor: _get(r, f"{floor} ×{streams}", "kb_per_stream") for floor in ("floor", "floor-relay")}
+            add("W3", "≤ 20 KB relay memory per open stream", name, f["kb_per_stream"], f["kb_per_stream"] <= 20, "KB",
+                floors)
     if "W4" in w:
         for name, f in w["W4"]["results"].items():
             bounded = f["upstream_paced"] and f["kb_per_slow_stream"] <= 256

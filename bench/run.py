@@ -475,8 +475,9 @@ class Bench:
         # One relay route: opening thousands of streams is what costs here, and the routes
         # share it. Direct runs first at each size: whether the simulator and the load
         # generator hold that many streams themselves, on the same cores.
-        # The floor: a bare uvicorn app writing the same kind of stream itself (bench/floor_app.py).
-        relays = ("direct", "floor", "tokenrelay-sse", *(f"@{ref}-sse" for ref in self.before))
+        # The floors: a bare uvicorn app writing the same kind of stream itself
+        # (bench/floor_app.py), and one relaying it (bench/floor_relay.py).
+        relays = ("direct", "floor", "floor-relay", "tokenrelay-sse", *(f"@{ref}-sse" for ref in self.before))
         for streams in s.w3_streams:
             for name in [n for n in relays if n in self.targets or n == "floor"]:
                 key = f"{name} ×{streams}"
@@ -488,6 +489,13 @@ class Bench:
                         floor.wait_ready()
                         self.results["commands"]["floor"] = floor.command()
                         out[key] = await self._many_streams(Target("floor", floor.url, OPENAI), floor, ask, streams)
+                    finally:
+                        floor.stop()
+                elif name == "floor-relay":
+                    floor = start_floor_relay(self.log_dir, self.servers["sim"].url, name="floor-relay-fresh")
+                    try:
+                        floor.wait_ready()
+                        out[key] = await self._many_streams(Target(name, floor.url, OPENAI), floor, ask, streams)
                     finally:
                         floor.stop()
                 else:

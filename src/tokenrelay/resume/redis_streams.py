@@ -14,9 +14,10 @@ producer, and a per-stream ``_Writer`` sends whatever accumulated since its last
 script call (``_APPEND``), which checks the epoch and the next seq (a retried batch skips what
 was written; a fenced owner cannot write), publishes one doorbell with the last seq and
 answers the stop flag; at most every ``RENEW`` s the same call also renews the lease and the
-keys' expiry and asks whether anyone reads elsewhere — so a batch runs a handful of Redis
-commands, and a stop is noticed on the next append, or on the lease renewal of a silent
-upstream, or at once from the stop channel.
+keys' expiry and asks whether anyone reads elsewhere, and the first call registers the stream
+— so a batch runs a handful of Redis commands, a short answer is one call in all, and a stop
+is noticed on the next append, or on the lease renewal of a silent upstream, or at once from
+the stop channel.
 
 Readers cost Redis connections per instance, not per reader: one ``_Hub`` per stream per
 instance reads new entries on the shared pool when the one doorbell subscription rings (or on
@@ -92,10 +93,23 @@ def _keys(stream_id: str) -> tuple[str, str, str, str]:
     return f"{tag}:meta", f"{tag}:log", f"{tag}:lease", f"{tag}:readers"
 
 
-# KEYS meta log lease readers; ARGV epoch first n ending lease_ms keep_ms done_ms id bell pieces...
+# KEYS meta log lease readers; ARGV epoch first n ending lease_ms keep_ms done_ms id bell
+# register owner model wire created pieces...
+# register 1: the writer's first call registers the stream too (owner, model, wire, created;
+# a stop that came before, by its owner, stays). A retry whose first try did register (its
+# answer lost) finds its own epoch: registered already.
 # lease_ms 0: no renewal in this call — the lease, the keys' expiry and the readers' check are
 # renewed every RENEW, not with every batch, so a batch costs HMGET, its XADDs, HSET, PUBLISH.
 _APPEND = """
+if ARGV[10] == '1' then
+  local reg = redis.call('HMGET', KEYS[1], 'epoch', 'stop', 'stop_by')
+  if reg[1] ~= ARGV[1] then
+    if reg[1] then return redis.error_reply('stream id taken') end
+    if reg[2] and reg[3] ~= ARGV[11] then redis.call('HDEL', KEYS[1], 'stop') end
+    redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[11], 'model', ARGV[12], 'wire', ARGV[13],
+               'created', ARGV[14], 'last', 0)
+  end
+end
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'stop', 'last', 'ending')
 local epoch, stop = meta[1], meta[2] or ''
 if not epoch then return {-1, '', 0} end
@@ -108,7 +122,7 @@ if n > 0 and first > last + 1 then return redis.error_reply('gap: ' .. last .. '
 for i = 1, n do
   local seq = first + i - 1
   if seq > last then
-    redis.call('XADD', KEYS[2], seq .. '-0', 'p', ARGV[9 + i])
+    redis.call('XADD', KEYS[2], seq .. '-0', 'p', ARGV[14 + i])
     last = seq
   end
 end
@@ -133,25 +147,6 @@ elseif before == 0 and last > 0 then
 end
 if last > before then redis.call('PUBLISH', ARGV[9], ARGV[8] .. ' ' .. last) end
 return {last, stop, readers}
-"""
-
-# KEYS meta lease; ARGV epoch owner model wire created lease_ms keep_ms. The stop flag: a
-# stop can come before the stream registered (durable), but only its owner's counts. A retry
-# whose first try did register (its answer lost) finds its own epoch: done already.
-_REGISTER = """
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'stop', 'stop_by')
-if meta[1] == ARGV[1] then return meta[2] or '' end
-if meta[1] then return redis.error_reply('stream id taken') end
-local stop = meta[2]
-if stop and meta[3] ~= ARGV[2] then
-  redis.call('HDEL', KEYS[1], 'stop')
-  stop = false
-end
-redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[2], 'model', ARGV[3], 'wire', ARGV[4],
-           'created', ARGV[5], 'last', 0)
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return stop or ''
 """
 
 # KEYS meta; ARGV owner reason pending_ms id stops. {status, ending}: 'ended', 'pending',
@@ -233,8 +228,8 @@ class _Writer:
     lease. Pieces wait here until Redis has them (bounded by the stream's own size cap), so
     an outage loses nothing and a retry duplicates nothing."""
 
-    __slots__ = ("caught_up", "epoch", "ending", "failing", "first", "pending", "pending_bytes", "registered",
-                 "renewed", "sent_ending", "store", "stream", "task", "wake")
+    __slots__ = ("caught_up", "epoch", "ending", "failing", "first", "hurry", "pending", "pending_bytes",
+                 "registered", "renewed", "sent_ending", "store", "stream", "task", "wake")
 
     def __init__(self, store: RedisStreams, stream: LiveStream) -> None:
         self.store, self.stream = store, stream
@@ -247,7 +242,10 @@ class _Writer:
         self.ending: Ending | None = None
         self.sent_ending = False
         self.wake = asyncio.Event()
-        self.registered = asyncio.Event()
+        self.registered: bool | asyncio.Future[None] = False
+        """True once Redis has the stream; a future while someone waits for that (``published``)."""
+        self.hurry: asyncio.Future[None] | None = None
+        """Resolved to register at once rather than with the first batch (``published``)."""
         self.renewed = 0.0
         """When the lease was last renewed: the next batch after RENEW renews it again."""
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -279,24 +277,29 @@ class _Writer:
     async def run(self) -> None:
         store, stream = self.store, self.stream
         backoff, failing_since = 0.05, 0.0
-        registered = False
+        # The stream is registered with its first batch, a PACE after it opened: a short answer
+        # is then one call in all. Until then another instance does not find it (a resume or
+        # a stop there waits for it); ``published`` cuts the wait short for an id handed out
+        # before any piece.
+        if self.hurry is None:
+            self.hurry = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(PACE):
+                await self.hurry
+        self.hurry = None
         try:
             while True:
                 try:
-                    if not registered:
-                        stop = await store.script_register(
-                            keys=_keys(stream.id)[::2],
-                            args=[self.epoch, _owner_field(stream.owner), stream.model, stream.wire,
-                                  f"{stream.created:.3f}", int(LEASE * 1000), store.keep_ms])
-                        registered = True
-                        self.renewed = time.monotonic()
-                        self.registered.set()
-                        if stop:
-                            store.stop_local(stream, "stopped")
                     # Nothing to write and the lease still fresh: no call at all.
-                    if (self.pending or self.ending is not None or time.monotonic() - self.renewed >= RENEW) \
-                            and await self.flush():
-                        return
+                    if (self.registered is not True or self.pending or self.ending is not None
+                            or time.monotonic() - self.renewed >= RENEW):
+                        done = await self.flush()
+                        if self.registered is not True:
+                            if isinstance(self.registered, asyncio.Future) and not self.registered.done():
+                                self.registered.set_result(None)
+                            self.registered = True
+                        if done:
+                            return
                     backoff, failing_since, self.failing = 0.05, 0.0, False
                 except _TROUBLE as exc:
                     self.failing = True
@@ -339,6 +342,10 @@ class _Writer:
         renew = now - self.renewed >= RENEW
         args: list[str | int] = [self.epoch, self.first, count, _ending_json(ending) if ending else "",
                                  int(LEASE * 1000) if renew else 0, store.keep_ms, store.done_ms, stream.id, BELL]
+        if self.registered is True:
+            args += ("0", "", "", "", "")
+        else:
+            args += ("1", _owner_field(stream.owner), stream.model, stream.wire, f"{stream.created:.3f}")
         args.extend(self.pending[:count])
         last, stop, readers = await store.script_append(keys=_keys(stream.id), args=args)
         if last == -1:
@@ -556,11 +563,18 @@ class RedisStreams(Streams):
 
     async def published(self, stream: LiveStream) -> None:
         writer = self._writers.get(stream.id)
-        if writer is None:
+        if writer is None or writer.registered is True:
             return
+        loop = asyncio.get_running_loop()
+        if writer.hurry is None:
+            writer.hurry = loop.create_future()
+        if not writer.hurry.done():
+            writer.hurry.set_result(None)
+        if writer.registered is False:
+            writer.registered = loop.create_future()
         try:
             async with asyncio.timeout(self.timeout):
-                await writer.registered.wait()
+                await asyncio.shield(writer.registered)
         except TimeoutError:
             # Degraded, not failed: the stream runs and this instance serves it; another
             # instance finds it once Redis has taken its registration.
@@ -710,7 +724,6 @@ class RedisStreams(Streams):
     def _use(self, client: Any) -> None:
         self.redis = client
         self.script_append = client.register_script(_APPEND)
-        self.script_register = client.register_script(_REGISTER)
         self.script_stop = client.register_script(_STOP)
         self.script_lost = client.register_script(_LOST)
 
