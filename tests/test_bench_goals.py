@@ -51,6 +51,14 @@ def test_a_full_run_grades_each_goal_on_its_own_figure() -> None:
     assert w5["met"] is None and w5["result"] == 0.9  # information only
 
 
+def test_streams_the_simulator_alone_could_not_hold_are_not_graded() -> None:
+    results = _results("full")
+    results["workloads"]["W3"]["results"]["direct ×10000"] = {"streams": 10000, "completed": 10000,
+                                                               "stalled_streams": 3510, "kb_per_stream": 21.5}
+    held = next(g for g in check_targets(results) if g["goal"] == "10000 streams held, none stalled")
+    assert held["met"] is None and "the simulator alone stalled 3510" in held["result"]
+
+
 def test_a_quick_or_smoke_run_grades_nothing() -> None:
     for sizes in ("quick", "smoke"):
         goals = check_targets(_results(sizes))
