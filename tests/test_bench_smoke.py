@@ -35,7 +35,7 @@ def test_bench_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     w = results["workloads"]
     assert set(w) == {"W0", "W1", "W2", "W3", "W4", "W5", "W6"}
     for name in ("direct", "tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1", "tokenrelay-responses",
-                 "tokenrelay-responses-tr", "baseline-text", "baseline-v1"):
+                 "tokenrelay-responses-tr", "floor-relay", "baseline-text", "baseline-v1"):
         assert w["W0"]["results"][name]["errors"] == 0
         assert _positive(w["W0"]["results"][name]["ttft_ms"]["p50"])
         w1 = w["W1"]["results"][name]
@@ -45,11 +45,13 @@ def test_bench_smoke_run_writes_every_figure(tmp_path: Path) -> None:
             assert figures["errors"] == 0
             assert _positive(figures["tokens_per_s"]) and _positive(figures["ratio_to_direct"])
             assert _positive(figures["cpu_s_per_mtok"])
-    assert set(w["W3"]["results"]) == {"direct ×40", "floor ×40", "tokenrelay-sse ×40"}
+    assert set(w["W3"]["results"]) == {"direct ×40", "floor ×40", "floor-relay ×40", "tokenrelay-sse ×40"}
     for w3 in w["W3"]["results"].values():
         assert w3["completed"] == w3["streams"] > 0 and _positive(w3["relay_rss_peak_mb"])
     assert _positive(w["W4"]["results"]["tokenrelay-sse"]["tokens_read"])
     assert w["W5"]["results"]["2"]["processes"] >= 3  # the parent and two workers
+    w6 = w["W6"]["results"]["redis"]
+    assert all(w6[c]["redis_calls"] > 0 and w6[c]["calls_pieces"] > 0 for c in map(str, w["W6"]["params"]["concurrency"]))
     assert _positive(w["W5"]["scaling"])
     goals = {(g["workload"], g["target"]) for g in results["goals"]}
     assert {("W0", "tokenrelay-text"), ("W1", "tokenrelay-sse"), ("W2", "tokenrelay-text"),
