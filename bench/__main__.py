@@ -18,7 +18,7 @@ from .sizes import PRESETS
 @click.option("--quick", "size", flag_value="quick", help="A smaller run (about a minute).")
 @click.option("--smoke", "size", flag_value="smoke", help="A seconds-long run that only proves the bench works.")
 @click.option("--full", "size", flag_value="full", default=True,
-              help="The full run (about 12 minutes; 16 with --peers).  [default]")
+              help="The full run (about 35 minutes with --peers on 2 cores).  [default]")
 @click.option("--peers", is_flag=True, help="Also measure LiteLLM's proxy and Portkey's gateway (installed into "
               "bench/.peers/ on first use).")
 @click.option("--before", multiple=True, metavar="GITREF",
