@@ -294,8 +294,9 @@ def _usage(record: StreamRecord) -> dict[str, int] | None:
 # --- background ---
 
 async def _start_background(state: AppState, opener: _Opener, checked: ResponsesBody, record: StreamRecord, *,
-                      stream: bool) -> ASGIResponse:
-    """Log the queued response, generate it in a task of its own, and answer at once."""
+                            stream: bool) -> ASGIResponse:
+    """Log the queued response, generate it in a task of its own, and answer as soon as every
+    instance can find it."""
     streams = state.streams
     log_stream = streams.open(owner=client_name.get(), model=opener.model, wire=WIRE, grace=state.settings.stream_ttl)
     record.stream_id = log_stream.id
