@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -20,22 +21,33 @@ CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"word "}}]}\n\n'
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def request_body(scope: dict[str, Any], receive: Any, send: Any,
+                       on_shutdown: Callable[[], Awaitable[None]] | None = None) -> bytes | None:
+    """What the floor apps share: the lifespan and a readiness ``GET`` answered here (None),
+    else the request's body."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
+        if on_shutdown is not None:
+            await on_shutdown()
         await send({"type": "lifespan.shutdown.complete"})
-        return
+        return None
     if scope["method"] == "GET":  # readiness
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         await send({"type": "http.response.body", "body": b""})
-        return
+        return None
     body = b""
     while True:
         message = await receive()
         body += message.get("body", b"")
         if not message.get("more_body"):
-            break
+            return body
+
+
+async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    body = await request_body(scope, receive, send)
+    if body is None:
+        return
     model = orjson.loads(body).get("model", "")
     tps = float(_option(model, "tps", 2.0))
     tokens = int(_option(model, "tokens", 60))

@@ -18,32 +18,23 @@ from yarl import URL
 from tokenrelay.providers.http11 import Pool
 from tokenrelay.providers.transport import RequestUnanswered
 
+from .floor_app import HEADERS, request_body
+
 REQUEST_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
-HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 UPSTREAM = URL(sys.argv[sys.argv.index("--upstream") + 1]) if "--upstream" in sys.argv else URL("http://127.0.0.1")
 pool = Pool(size=20_000, connect_timeout=10)  # as the bench's tokenrelay: W3 holds 10,000 streams
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await pool.aclose()
-        await send({"type": "lifespan.shutdown.complete"})
+    body = await request_body(scope, receive, send, on_shutdown=pool.aclose)
+    if body is None:
         return
-    if scope["method"] == "GET":  # readiness
-        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        await send({"type": "http.response.body", "body": b""})
-        return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
     try:
         conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
-    except RequestUnanswered:  # a kept connection the simulator closed: the one retry tokenrelay makes too
+    except RequestUnanswered:
+        # A kept connection the simulator closed as the request went out. Sent again, so a
+        # floor's row carries no error; tokenrelay answers 502 here instead, as a model API may
+        # have started on the request (providers/http11.py).
         conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
     try:
         await send({"type": "http.response.start", "status": conn.status, "headers": HEADERS})

@@ -3,7 +3,8 @@ the module (an unclosed client's pooled socket would be a ResourceWarning, an er
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -25,3 +26,14 @@ def close_clients() -> Iterator[None]:
     yield
     while _clients:
         _clients.popitem()[1].close()
+
+
+def events_until(stream: Iterable[Any], sequence_number: int) -> list[Any]:
+    """A Responses stream's events up to ``sequence_number``, then its connection is cut."""
+    first = []
+    for event in stream:
+        first.append(event)
+        if event.sequence_number == sequence_number:
+            break
+    stream.close()  # type: ignore[attr-defined]
+    return first

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from redis_server import RedisServer
+from sdk import events_until
 from servers import RelayServer, SimServer, wait_until
 from streams import chat
 from test_cancel import open_request
@@ -560,13 +561,8 @@ def test_a_response_cut_on_one_instance_resumes_on_the_other_by_sequence_number(
     on_a = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", max_retries=0)
     on_b = openai.OpenAI(base_url=b.url + "/v1", api_key="unused", max_retries=0)
     with on_a, on_b:
-        stream = on_a.responses.create(model="sim:ttft=0,tps=60,tokens=40", input="hi", stream=True, background=True)
-        first = []
-        for event in stream:
-            first.append(event)
-            if event.sequence_number == 6:
-                break
-        stream.close()
+        first = events_until(on_a.responses.create(model="sim:ttft=0,tps=60,tokens=40", input="hi", stream=True,
+                                                   background=True), 6)
         response_id = first[0].response.id
         rest = list(on_b.responses.retrieve(response_id, stream=True, starting_after=6))
         assert [e.sequence_number for e in rest][0] == 7 and rest[-1].type == "response.completed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -54,9 +56,11 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-def decode(pieces: list[bytes]) -> list[ServerSentEvent]:
+def decode(pieces: list[bytes], *, data_only: bool = False) -> list[Any]:
+    """The events of a stream fed in these pieces (with ``data_only``, their data alone)."""
     decoder = SSEDecoder()
-    events = [event for piece in pieces for event in decoder.feed(piece)]
+    feed = decoder.feed_data if data_only else decoder.feed
+    events = [event for piece in pieces for event in feed(piece)]
     assert not decoder.close()
     return events
 
@@ -103,19 +107,12 @@ def test_bytes_that_are_not_utf8_are_a_protocol_error_not_replacement_characters
     assert [e.data for e in decoder.feed(b"data: next\n\n")] == ["next"]  # nothing of the bad event is kept
 
 
-def decode_data(pieces: list[bytes]) -> list[str]:
-    decoder = SSEDecoder()
-    data = [d for piece in pieces for d in decoder.feed_data(piece)]
-    assert not decoder.close()
-    return data
-
-
 @settings(max_examples=400)
 @given(streams(), st.lists(st.integers(min_value=0), max_size=20))
 def test_data_alone_is_the_events_data_however_split(stream: tuple[bytes, list[ServerSentEvent]],
                                                      cuts: list[int]) -> None:
     data, expected = stream
-    assert decode_data(split(data, cuts)) == [e.data for e in expected]
+    assert decode(split(data, cuts), data_only=True) == [e.data for e in expected]
 
 
 @settings(max_examples=300)
@@ -130,7 +127,7 @@ def test_reads_of_whole_data_events_give_the_same_data(lines: list[str], cuts: l
     ends = [sum(len(e) for e in events[:i + 1]) for i in range(len(events))]
     points = [ends[i] for i, keep in enumerate(at_boundaries[:len(ends)]) if keep] + list(cuts)
     pieces = split(stream, points)
-    assert decode_data([b"data: first\n\n", *pieces]) == ["first", *lines]
+    assert decode([b"data: first\n\n", *pieces], data_only=True) == ["first", *lines]
 
 
 def test_whole_data_events_that_are_not_utf8_are_a_protocol_error() -> None:

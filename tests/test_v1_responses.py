@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from sdk import client, close_clients  # noqa: F401  (the fixture closes the clients)
+from sdk import client, close_clients, events_until  # noqa: F401  (the fixture closes the clients)
 from servers import RelayServer, SimServer, wait_until
 from test_v1_node import NODE_DIR, node_sdk  # noqa: F401  (the fixture installs the Node SDK)
 
@@ -175,14 +175,8 @@ def test_resume_after_a_cut_connection(relays: dict[str, RelayServer], path: str
     """A background response's stream is cut after sequence_number 6; the SDK's
     ``retrieve(stream=True, starting_after=6)`` gives exactly the events it missed."""
     sdk = api(relays, path)
-    stream = sdk.responses.create(model=model(path, "ttft=0,tps=60,tokens=40"), input=INPUT, stream=True,
-                                  background=True)
-    first = []
-    for event in stream:
-        first.append(event)
-        if event.sequence_number == 6:
-            break
-    stream.close()
+    first = events_until(sdk.responses.create(model=model(path, "ttft=0,tps=60,tokens=40"), input=INPUT,
+                                              stream=True, background=True), 6)
     created = first[0]
     assert created.type == "response.created" and created.response.status == "queued"
     rest = list(sdk.responses.retrieve(created.response.id, stream=True, starting_after=6))
