@@ -11,7 +11,8 @@ body on untouched to an OpenAI-compatible upstream, so ``tools``, ``tool_choice`
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -66,6 +67,31 @@ def _grace(request: Request, settings: Settings) -> float:
         raise _Param(exc.message, param=None) from None
 
 
+class _Checked(Protocol):
+    model: str | None
+
+
+Checked = TypeVar("Checked", bound=_Checked)
+
+
+async def read_v1_body(request: Request, check: Callable[[dict[str, Any]], Checked],
+                       missing_model: Callable[[str], TokenrelayError]) -> tuple[bytes, dict[str, Any], Checked, str]:
+    """A ``/v1`` request's body as the upstream gets it, the parsed body, what ``check`` made of
+    it, and the model — the default written in where none was sent — which the routes know
+    (an unknown one is a 404 here, before anything starts)."""
+    state = app_state(request)
+    settings = state.settings
+    raw = await read_json_body(request, settings.max_body_bytes)
+    body = parse_json_object(raw)
+    checked = check(body)
+    model = checked.model or settings.default_model
+    if model is None:
+        raise missing_model("model: required, since no default model is set (TOKENRELAY_MODEL)")
+    raw = with_model(raw, body, model)
+    state.router.resolve(model)
+    return raw, body, checked, model
+
+
 def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
     """The request as the upstream gets it: a body sent without a model has the default
     written in (into ``body`` and ``raw``), the rest of its bytes as sent."""
@@ -79,15 +105,8 @@ def with_model(raw: bytes, body: dict[str, Any], model: str) -> bytes:
 async def chat_completions(request: Request) -> StreamResponse:
     state = app_state(request)
     settings = state.settings
-    raw = await read_json_body(request, settings.max_body_bytes)
-    body = parse_json_object(raw)
-    checked = check_body(body)
+    raw, body, checked, model = await read_v1_body(request, check_body, lambda m: _Param(m, param="model"))
     stream = bool(checked.stream)
-    model = checked.model or settings.default_model
-    if model is None:
-        raise _Param("model: required, since no default model is set (TOKENRELAY_MODEL)", param="model")
-    raw = with_model(raw, body, model)
-    state.router.resolve(model)  # an unknown model is a 404 before anything starts
     resume: V1Resume | None = None
     if stream:
         # Logged as it is relayed, so it can be resumed and stopped at /api/streams/{id}. Leaving

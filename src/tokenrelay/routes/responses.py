@@ -51,7 +51,6 @@ from ..resume.log import Ending
 from ..resume.registry import LiveStream, StreamRef, Streams, new_stream_id
 from ..responses_request import ResponsesBody, Unsupported, check_body, echo_fields, to_chat
 from ..routing import Attempts, Upstream
-from ..schemas import parse_json_object
 from ..state import AppState, app_state
 from ..streaming.openai_relay import STREAM_HEADERS, openai_error, pass_whole
 from ..streaming.record import StreamRecord, log_request
@@ -59,8 +58,7 @@ from ..streaming.relay import close_deltas
 from ..streaming.response import Body, Headers, StreamResponse, body_of
 from ..streaming.responses_events import Event, ResponseEvents, frame, frame_of_piece, snapshot, sse
 from .endpoint import ASGIResponse, Endpoint
-from .openai import with_model
-from .request_body import read_json_body
+from .openai import read_v1_body
 from .stream import resume_grace
 
 WIRE = "responses"
@@ -88,14 +86,7 @@ def _stream_id(response_id: str) -> str:
 async def create_response(request: Request) -> ASGIResponse:
     state = app_state(request)
     settings = state.settings
-    raw = await read_json_body(request, settings.max_body_bytes)
-    body = parse_json_object(raw)
-    checked = check_body(body)
-    model = checked.model or settings.default_model
-    if model is None:
-        raise Unsupported("model: required, since no default model is set (TOKENRELAY_MODEL)", param="model")
-    raw = with_model(raw, body, model)
-    state.router.resolve(model)  # an unknown model is a 404 before anything starts
+    raw, body, checked, model = await read_v1_body(request, check_body, lambda m: Unsupported(m, param="model"))
     stream, background = bool(checked.stream), bool(checked.background)
     record = StreamRecord(request_id=request_id.get(), stream_id=new_stream_id(), model=model,
                           mode="sse" if stream else "json", route=ROUTE)
