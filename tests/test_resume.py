@@ -62,6 +62,37 @@ def stream_id_of(raw: bytes) -> str:
     return next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-stream-id"))
 
 
+def cut_sse(relay: RelayServer, model: str, after: int | None) -> tuple[list[tuple[str, str]], str]:
+    """An SSE answer whose connection is cut after event ``after`` (None: once its last event
+    arrived): the text events the first connection kept, and the stream's id."""
+    sock = open_request(relay, chat(model=model), accept="text/event-stream", grace=None)
+    raw = read_until(sock, b"event: done" if after is None else b"id: %d\n" % after)
+    sock.close()
+    first = texts(sse_events(dechunk(raw)))
+    return (first if after is None else first[:after]), stream_id_of(raw)
+
+
+def joined_text(first: list[tuple[str, str]], resumed: httpx.Response) -> str:
+    """The text of a cut stream's first events and its resume, checked to join with no gap and
+    no duplicate: one start, one done, ids numbered on from 1."""
+    assert resumed.status_code == 200
+    events = sse_events(resumed.content)
+    assert [kind for kind, _, _ in events if kind != "message"] == ["start", "done"]
+    joined = first + texts(events)
+    assert [int(eid) for eid, _ in joined] == list(range(1, len(joined) + 1))
+    return "".join(text for _, text in joined)
+
+
+def cut_plain_text(relay: RelayServer, model: str) -> tuple[bytes, str]:
+    """A plain-text answer cut once 40 bytes of it arrived: those bytes, and the stream's id."""
+    sock = open_request(relay, chat(model=model), grace=None)
+    raw = read_until(sock, b"\r\n\r\n")
+    while len(dechunk(raw)) < 40:
+        raw += sock.recv(65536)
+    sock.close()
+    return dechunk(raw), stream_id_of(raw)
+
+
 @pytest.mark.parametrize("cut", ["early", "as it ends"])
 def test_a_cut_sse_stream_resumes_with_no_gap_and_no_duplicate(relay_server: RelayServer, cut: str) -> None:
     """Cut after the third event, or once the last one arrived: the pieces of the first
@@ -70,33 +101,16 @@ def test_a_cut_sse_stream_resumes_with_no_gap_and_no_duplicate(relay_server: Rel
                        headers={"accept": "text/event-stream"}, timeout=30)
     reference = "".join(text for _, text in texts(sse_events(whole.content)))
 
-    sock = open_request(relay_server, chat(model=MODEL), accept="text/event-stream", grace=None)
-    raw = read_until(sock, b"id: 3\n" if cut == "early" else b"event: done")
-    sock.close()
-    first = texts(sse_events(dechunk(raw)))
-    if cut == "early":
-        first = first[:3]
-    stream_id = stream_id_of(raw)
-
+    first, stream_id = cut_sse(relay_server, MODEL, 3 if cut == "early" else None)
     resumed = httpx.get(f"{relay_server.url}/api/streams/{stream_id}",
                         headers={"accept": "text/event-stream", "last-event-id": first[-1][0]}, timeout=30)
-    assert resumed.status_code == 200
-    events = sse_events(resumed.content)
-    assert [kind for kind, _, _ in events if kind != "message"] == ["start", "done"]
-    joined = first + texts(events)
-    assert [int(eid) for eid, _ in joined] == list(range(1, len(joined) + 1))
-    assert "".join(text for _, text in joined).encode() == reference.encode()
+    assert joined_text(first, resumed) == reference
 
 
 def test_plain_text_resumes_from_a_byte_offset(relay_server: RelayServer) -> None:
     reference = httpx.post(relay_server.url + "/api/get-response", json=chat(model=MODEL), timeout=30).content
-    sock = open_request(relay_server, chat(model=MODEL), grace=None)
-    raw = read_until(sock, b"\r\n\r\n")
-    while len(dechunk(raw)) < 40:
-        raw += sock.recv(65536)
-    sock.close()
-    got = dechunk(raw)
-    rest = httpx.get(f"{relay_server.url}/api/streams/{stream_id_of(raw)}?offset={len(got)}",
+    got, stream_id = cut_plain_text(relay_server, MODEL)
+    rest = httpx.get(f"{relay_server.url}/api/streams/{stream_id}?offset={len(got)}",
                      headers={"accept": "text/plain"}, timeout=30)
     assert rest.status_code == 200
     assert got + rest.content == reference  # a cut inside a UTF-8 character joins up too

@@ -23,7 +23,7 @@ from sdk import events_until
 from servers import RelayServer, SimServer, wait_until
 from streams import chat
 from test_cancel import open_request
-from test_resume import dechunk, read_until, sse_events, stream_id_of, texts
+from test_resume import cut_plain_text, cut_sse, joined_text, read_until, sse_events, stream_id_of, texts
 
 from tokenrelay.errors import NotFound
 from tokenrelay.providers.sse_decoder import ServerSentEvent, SSEDecoder
@@ -63,31 +63,15 @@ def test_cut_on_one_instance_resumes_on_the_other_with_no_gap_and_no_duplicate(
         pair: tuple[RelayServer, RelayServer], cut: str) -> None:
     a, b = pair
     whole = reference(a, MODEL)
-    sock = open_request(a, chat(model=MODEL), accept="text/event-stream", grace=None)
-    raw = read_until(sock, b"id: 5\n" if cut == "early" else b"event: done")
-    sock.close()
-    first = texts(sse_events(dechunk(raw)))
-    if cut == "early":
-        first = first[:5]
-    resumed = resume(b, stream_id_of(raw), first[-1][0])
-    assert resumed.status_code == 200
-    events = sse_events(resumed.content)
-    assert [kind for kind, _, _ in events if kind != "message"] == ["start", "done"]
-    joined = first + texts(events)
-    assert [int(eid) for eid, _ in joined] == list(range(1, len(joined) + 1))
-    assert "".join(text for _, text in joined) == whole
+    first, stream_id = cut_sse(a, MODEL, 5 if cut == "early" else None)
+    assert joined_text(first, resume(b, stream_id, first[-1][0])) == whole
 
 
 def test_plain_text_resumes_on_the_other_instance_from_a_byte_offset(pair: tuple[RelayServer, RelayServer]) -> None:
     a, b = pair
     whole = httpx.post(a.url + "/api/get-response", json=chat(model=MODEL), timeout=30).content
-    sock = open_request(a, chat(model=MODEL), grace=None)
-    raw = read_until(sock, b"\r\n\r\n")
-    while len(dechunk(raw)) < 40:
-        raw += sock.recv(65536)
-    sock.close()
-    got = dechunk(raw)
-    rest = httpx.get(f"{b.url}/api/streams/{stream_id_of(raw)}?offset={len(got)}",
+    got, stream_id = cut_plain_text(a, MODEL)
+    rest = httpx.get(f"{b.url}/api/streams/{stream_id}?offset={len(got)}",
                      headers={"accept": "text/plain"}, timeout=30)
     assert rest.status_code == 200
     assert got + rest.content == whole
@@ -521,15 +505,9 @@ def test_on_a_redis_cluster_a_stream_resumes_and_stops_across_instances(
         whole = reference(a, MODEL)
         ids = set()
         for _ in range(4):  # ids land in different slots, so on different nodes
-            sock = open_request(a, chat(model=MODEL), accept="text/event-stream", grace=None)
-            raw = read_until(sock, b"id: 5\n")
-            sock.close()
-            first = texts(sse_events(dechunk(raw)))[:5]
-            stream_id = stream_id_of(raw)
+            first, stream_id = cut_sse(a, MODEL, 5)
             ids.add(stream_id)
-            joined = first + texts(sse_events(resume(b, stream_id, first[-1][0]).content))
-            assert [int(eid) for eid, _ in joined] == list(range(1, len(joined) + 1))
-            assert "".join(text for _, text in joined) == whole
+            assert joined_text(first, resume(b, stream_id, first[-1][0])) == whole
         nodes = set()
         with redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
             for stream_id in ids:
