@@ -14,8 +14,11 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from yarl import URL
+
+T = TypeVar("T")
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -166,27 +169,33 @@ async def forward_proxy(hosts: dict[str, str] | None = None) -> AsyncIterator[Fo
 
 
 @contextlib.contextmanager
-def forward_proxy_in_thread(hosts: dict[str, str] | None = None) -> Iterator[ForwardProxy]:
-    """``forward_proxy`` on an event loop of its own, for tests that are not async."""
+def in_thread(opened: Callable[[], contextlib.AbstractAsyncContextManager[T]], *, join: float = 10) -> Iterator[T]:
+    """An async context manager entered on an event loop of its own thread, for tests that
+    are not async: what it gives, until the block ends (then it is exited there)."""
     started = threading.Event()
-    running: list[tuple[ForwardProxy, asyncio.AbstractEventLoop, asyncio.Event]] = []
+    running: list[tuple[T, asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def main() -> None:
-        async with forward_proxy(hosts) as proxy:
+        async with opened() as value:
             stop = asyncio.Event()
-            running.append((proxy, asyncio.get_running_loop(), stop))
+            running.append((value, asyncio.get_running_loop(), stop))
             started.set()
             await stop.wait()
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()
-    assert started.wait(10), "the proxy did not start"
-    proxy, loop, stop = running[0]
+    assert started.wait(10), f"{opened} did not start"
+    value, loop, stop = running[0]
     try:
-        yield proxy
+        yield value
     finally:
         loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
+        thread.join(join)
+
+
+def forward_proxy_in_thread(hosts: dict[str, str] | None = None) -> contextlib.AbstractContextManager[ForwardProxy]:
+    """``forward_proxy`` on an event loop of its own, for tests that are not async."""
+    return in_thread(lambda: forward_proxy(hosts))
 
 
 @dataclass(frozen=True)

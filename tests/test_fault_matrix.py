@@ -21,14 +21,14 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 import orjson
 import pytest
 
-from scripted import chunked, serving, until
+from scripted import chunked, in_thread, serving, until
 from servers import RelayServer
 from tokenrelay.providers.sse_decoder import MAX_LINE
 from tokenrelay.streaming.openai_relay import MAX_WHOLE_BODY
@@ -195,23 +195,14 @@ async def upstream(reader: Reader, writer: Writer) -> None:
 @pytest.fixture(scope="module")
 def upstream_url() -> Iterator[str]:
     """The scripted upstream, on an event loop of its own thread."""
-    started = threading.Event()
-    running: list[tuple[str, asyncio.AbstractEventLoop, asyncio.Event]] = []
 
-    async def main() -> None:
-        async with serving(upstream, path="/v1") as (url, _):
-            stop = asyncio.Event()
-            running.append((str(url), asyncio.get_running_loop(), stop))
-            started.set()
-            await stop.wait()
+    @contextlib.asynccontextmanager
+    async def url() -> AsyncIterator[str]:
+        async with serving(upstream, path="/v1") as (base, _):
+            yield str(base)
 
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(10), "the scripted upstream did not start"
-    url, loop, stop = running[0]
-    yield url
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(CELL_TIMEOUT + 10)
+    with in_thread(url, join=CELL_TIMEOUT + 10) as base:
+        yield base
 
 
 # --- the clients ---
