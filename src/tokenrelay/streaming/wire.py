@@ -10,6 +10,7 @@ that looks complete.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -122,22 +123,15 @@ _STOP_REASONS = {
 }
 
 
-def openai_content(pieces: list[str]) -> str:
-    """The answer's text in a ``/v1`` stream's pieces: each chunk's ``delta.content``, joined.
-    For a status request only, never on the relay's path."""
-    parts: list[str] = []
+def _objects(pieces: list[str]) -> Iterator[dict[str, Any]]:
+    """The pieces that are JSON objects, parsed; anything else is passed over."""
     for piece in pieces:
         try:
-            chunk = orjson.loads(piece)
+            value = orjson.loads(piece)
         except orjson.JSONDecodeError:
             continue
-        for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
-            delta = choice.get("delta") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
-            if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str):
-                    parts.append(content)
-    return "".join(parts)
+        if isinstance(value, dict):
+            yield value
 
 
 WIRES: dict[str, Wire] = {"sse": SSEWire(), "text": TextWire(), "openai": OpenAIWire()}
@@ -145,17 +139,16 @@ WIRES: dict[str, Wire] = {"sse": SSEWire(), "text": TextWire(), "openai": OpenAI
 
 def text_of_events(wire: str, pieces: list[str]) -> str:
     """The answer's text in a stream whose pieces are events: ``/v1`` chat chunks
-    (``openai``), or the Responses API's events (``responses``: its output text deltas)."""
-    if wire == "openai":
-        return openai_content(pieces)
+    (``openai``: each chunk's first choice's ``delta.content``), or the Responses API's events
+    (``responses``: its output text deltas). For a status request only, never on the relay's path."""
     parts: list[str] = []
-    for piece in pieces:
-        try:
-            event = orjson.loads(piece)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("type") == "response.output_text.delta":
-            delta = event.get("delta")
-            if isinstance(delta, str):
-                parts.append(delta)
+    for event in _objects(pieces):
+        if wire == "openai":
+            for choice in event.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
+                text = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(text, str):
+                    parts.append(text)
+        elif event.get("type") == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            parts.append(event["delta"])
     return "".join(parts)
