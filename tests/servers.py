@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -104,3 +105,15 @@ class RelayServer(Process):
         full_env.update(env or {})
         super().__init__(["serve", "--port", str(port)], port=port, ready_path="/healthz", env=full_env,
                          log_dir=log_dir)
+
+
+ANTHROPIC_KEY = "sk-ant-test"
+
+
+def start_anthropic_relay(start_relay: Callable[..., RelayServer], upstream: SimServer) -> RelayServer:
+    """A relay whose default model, ``claude-sim``, goes to ``upstream`` (the simulator
+    speaks Anthropic's Messages API too) on an Anthropic route with an API key."""
+    routes = [{"name": "anthropic", "pattern": "claude-*", "kind": "anthropic", "url": upstream.url + "/v1",
+               "key_env": "TEST_ANTHROPIC_KEY", "models": ["claude-sim"]}]
+    return start_relay(upstream=None, TOKENRELAY_ROUTES=json.dumps(routes), TEST_ANTHROPIC_KEY=ANTHROPIC_KEY,
+                       TOKENRELAY_MODEL="claude-sim")

@@ -7,7 +7,6 @@ Bad input is a 4xx with an error body; good input an answer read to its end."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from servers import RelayServer, SimServer, wait_until
+from servers import RelayServer, SimServer, start_anthropic_relay, wait_until
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**40), 2**40)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
@@ -127,10 +126,7 @@ def passthrough(start_relay: Callable[..., RelayServer], quick_sim: SimServer) -
 
 @pytest.fixture(scope="module")
 def claude(start_relay: Callable[..., RelayServer], quick_sim: SimServer) -> RelayServer:
-    routes = [{"name": "anthropic", "pattern": "claude-*", "kind": "anthropic", "url": quick_sim.url + "/v1",
-               "key_env": "TEST_ANTHROPIC_KEY", "models": ["claude-sim"]}]
-    return start_relay(upstream=None, TOKENRELAY_ROUTES=json.dumps(routes), TEST_ANTHROPIC_KEY="sk-ant-test",
-                       TOKENRELAY_MODEL="claude-sim")
+    return start_anthropic_relay(start_relay, quick_sim)
 
 
 def post(relay: RelayServer, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:

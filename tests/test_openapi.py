@@ -10,7 +10,6 @@ no 5xx, every status, content type and JSON body as documented."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from starlette.routing import Mount, Route
 
-from servers import RelayServer, SimServer
+from servers import RelayServer, SimServer, start_anthropic_relay
 from tokenrelay.app import create_app
 from tokenrelay.config import Settings
 from tokenrelay.openapi import OPERATIONS, UNDOCUMENTED, documented
@@ -68,10 +67,7 @@ def quick_sim(log_dir: Path) -> Iterator[SimServer]:
 
 @pytest.fixture(scope="module")
 def claude(start_relay: Callable[..., RelayServer], quick_sim: SimServer) -> RelayServer:
-    routes = [{"name": "anthropic", "pattern": "claude-*", "kind": "anthropic", "url": quick_sim.url + "/v1",
-               "key_env": "TEST_ANTHROPIC_KEY", "models": ["claude-sim"]}]
-    return start_relay(upstream=None, TOKENRELAY_ROUTES=json.dumps(routes), TEST_ANTHROPIC_KEY="sk-ant-test",
-                       TOKENRELAY_MODEL="claude-sim")
+    return start_anthropic_relay(start_relay, quick_sim)
 
 
 def test_document_describes_streams_errors_and_the_key(keyed: RelayServer) -> None:

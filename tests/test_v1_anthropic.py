@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from sdk import client, close_clients  # noqa: F401  (the fixture closes the clients)
-from servers import RelayServer, SimServer
+from servers import RelayServer, SimServer, start_anthropic_relay
 from streams import chat
 from tokenrelay.providers.anthropic import messages_body
 from tokenrelay.providers.sse_decoder import SSEDecoder
@@ -26,10 +26,7 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
 
 @pytest.fixture(scope="module")
 def claude(start_relay: Callable[..., RelayServer], sim_server: SimServer) -> RelayServer:
-    routes = [{"name": "anthropic", "pattern": "claude-*", "kind": "anthropic", "url": sim_server.url + "/v1",
-               "key_env": "TEST_ANTHROPIC_KEY", "models": ["claude-sim"]}]
-    return start_relay(upstream=None, TOKENRELAY_ROUTES=json.dumps(routes), TEST_ANTHROPIC_KEY="sk-ant-test",
-                       TOKENRELAY_MODEL="claude-sim")
+    return start_anthropic_relay(start_relay, sim_server)
 
 
 
