@@ -179,7 +179,13 @@ def test_a_stop_sent_before_the_owner_registered_still_stops_it_and_only_its_own
                 while not outcomes[early]:
                     await asyncio.sleep(0.02)
             assert outcomes[early] == ["stopped"]
-            await asyncio.sleep(1.5)  # three lease renewals: a stop by another key never reaches it
+            # Each lease renewal brings a stop flag: after three, another key's stop has not come.
+            writer = a._writers[other]
+            renewals = {writer.renewed}
+            async with asyncio.timeout(5):
+                while len(renewals) < 4:
+                    await asyncio.sleep(0.02)
+                    renewals.add(writer.renewed)
             assert outcomes[other] == []
             for stream_id in (early, other):
                 a.finished(a.get(stream_id, owner="me"), Ending("stopped", {"reason": "stopped"}))
