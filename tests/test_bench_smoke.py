@@ -36,13 +36,13 @@ def test_bench_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert set(w) == {"W0", "W1", "W2", "W3", "W4", "W5", "W6"}
     for name in ("direct", "tokenrelay-text", "tokenrelay-sse", "tokenrelay-v1", "tokenrelay-responses",
                  "tokenrelay-responses-tr", "floor-relay", "baseline-text", "baseline-v1"):
-        assert w["W0"]["results"][name]["errors"] == 0
+        assert w["W0"]["results"][name]["errors"] == 0, (name, w["W0"]["results"][name])
         assert _positive(w["W0"]["results"][name]["ttft_ms"]["p50"])
         w1 = w["W1"]["results"][name]
-        assert w1["errors"] == 0 and w1["completed"] == w1["streams"] > 0
+        assert w1["errors"] == 0 and w1["completed"] == w1["streams"] > 0, (name, w1["error_examples"])
         assert _positive(w1["ttft_ms"]["p99"]) and _positive(w1["gap_ms"]["p99"])
-        for figures in w["W2"]["results"][name].values():
-            assert figures["errors"] == 0
+        for c, figures in w["W2"]["results"][name].items():
+            assert figures["errors"] == 0, (name, c, figures["error_examples"])
             assert _positive(figures["tokens_per_s"]) and _positive(figures["ratio_to_direct"])
             assert _positive(figures["cpu_s_per_mtok"])
     assert set(w["W3"]["results"]) == {"direct ×40", "floor ×40", "floor-relay ×40", "tokenrelay-sse ×40"}

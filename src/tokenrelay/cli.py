@@ -248,9 +248,13 @@ def fast_server() -> dict[str, Any]:
               help="Fault for every request: error-before, error-mid, stall, malformed, http-429, http-500.")
 @click.option("--chat-only", is_flag=True,
               help="Serve no /v1/responses, as an upstream that has only chat completions.")
+@click.option("--keepalive-timeout", type=click.IntRange(min=1), default=75, show_default=True,
+              help="Seconds an idle client connection stays open. Longer than its clients keep one idle "
+                   "(tokenrelay 15 s, nginx's upstream keepalive 60 s), as a hosted API's is, so a request "
+                   "never meets a connection the simulator is just closing.")
 @click.option("--log-level", default="warning", show_default=True)
 def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, fault: str | None,
-        chat_only: bool, log_level: str) -> None:
+        chat_only: bool, keepalive_timeout: int, log_level: str) -> None:
     """Run the simulator as an OpenAI-compatible API (POST /v1/chat/completions and
     POST /v1/responses), and as
     Anthropic's Messages API (POST /v1/messages, which like Anthropic's needs the headers
@@ -289,7 +293,7 @@ def sim(host: str, port: int, ttft: float, tps: float, tokens: int, seed: int, f
     click.echo(f"simulator on http://{host}:{port}/v1", err=True)
     app = create_sim_app(defaults, responses=not chat_only)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                  **fast_server())).run()
+                                  timeout_keep_alive=keepalive_timeout, **fast_server())).run()
 
 
 @cli.command()
