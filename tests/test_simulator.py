@@ -69,7 +69,9 @@ def test_the_simulator_keeps_idle_connections_longer_than_its_clients(tmp_path: 
             conn.sendall(b"GET /sim/stats HTTP/1.1\r\nHost: sim\r\n\r\n")
             head = b""
             while b"\r\n\r\n" not in head:
-                head += conn.recv(65536)
+                piece = conn.recv(65536)
+                assert piece, f"the simulator closed the connection before answering: {head!r}"
+                head += piece
             answered = time.monotonic()
             while conn.recv(65536):  # the rest of the body, then the end the server gives
                 pass
