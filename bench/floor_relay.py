@@ -16,7 +16,6 @@ from typing import Any
 from yarl import URL
 
 from tokenrelay.providers.http11 import Pool
-from tokenrelay.providers.transport import RequestUnanswered
 
 from .floor_app import HEADERS, request_body
 
@@ -29,13 +28,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     body = await request_body(scope, receive, send, on_shutdown=pool.aclose)
     if body is None:
         return
-    try:
-        conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
-    except RequestUnanswered:
-        # A kept connection the simulator closed as the request went out. Sent again, so a
-        # floor's row carries no error; tokenrelay answers 502 here instead, as a model API may
-        # have started on the request (providers/http11.py).
-        conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
+    # Sent once, as tokenrelay sends it: the simulator keeps idle connections longer than the
+    # pool does, so none is closed under a request (tokenrelay sim --keepalive-timeout).
+    conn = await pool.request("POST", UPSTREAM.with_path(scope["path"]), REQUEST_HEADERS, body)
     try:
         await send({"type": "http.response.start", "status": conn.status, "headers": HEADERS})
         while data := await conn.read():
