@@ -159,8 +159,8 @@ def start_floor(log_dir: Path) -> Server:
 
 def start_floor_relay(log_dir: Path, upstream_root: str, *, name: str = "floor-relay") -> Server:
     port = free_port()
-    return Server(name, [sys.executable, "-m", "bench.floor_relay", "--port", str(port),
-                                  "--upstream", upstream_root], port=port, log_dir=log_dir, env=python_env())
+    return Server(name, [sys.executable, "-m", "bench.floor_relay", "--port", str(port), "--upstream", upstream_root],
+                  port=port, log_dir=log_dir, env=python_env())
 
 
 def start_baseline(log_dir: Path, upstream: str) -> Server:

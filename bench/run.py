@@ -483,18 +483,12 @@ class Bench:
                 key = f"{name} ×{streams}"
                 if name == "direct":
                     out[key] = await self._many_streams(self.targets[name], self.servers["sim"], ask, streams)
-                elif name == "floor":
-                    floor = start_floor(self.log_dir)
+                elif name in ("floor", "floor-relay"):  # a fresh one, as the relays below
+                    floor = (start_floor(self.log_dir) if name == "floor" else
+                             start_floor_relay(self.log_dir, self.servers["sim"].url, name="floor-relay-fresh"))
                     try:
                         floor.wait_ready()
-                        self.results["commands"]["floor"] = floor.command()
-                        out[key] = await self._many_streams(Target("floor", floor.url, OPENAI), floor, ask, streams)
-                    finally:
-                        floor.stop()
-                elif name == "floor-relay":
-                    floor = start_floor_relay(self.log_dir, self.servers["sim"].url, name="floor-relay-fresh")
-                    try:
-                        floor.wait_ready()
+                        self.results["commands"].setdefault(name, floor.command())
                         out[key] = await self._many_streams(Target(name, floor.url, OPENAI), floor, ask, streams)
                     finally:
                         floor.stop()
