@@ -242,13 +242,14 @@ class _Writer:
         self.ending: Ending | None = None
         self.sent_ending = False
         self.wake = asyncio.Event()
-        self.registered: bool | asyncio.Future[None] = False
-        """True once Redis has the stream; a future while someone waits for that (``published``)."""
-        self.hurry: asyncio.Future[None] | None = None
-        """Resolved to register at once rather than with the first batch (``published``)."""
+        loop = asyncio.get_running_loop()
+        self.registered: asyncio.Future[None] = loop.create_future()
+        """Done once Redis has the stream."""
+        self.hurry: asyncio.Future[None] = loop.create_future()
+        """Done to register at once rather than with the first batch (``published``)."""
         self.renewed = 0.0
         """When the lease was last renewed: the next batch after RENEW renews it again."""
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.task = loop.create_task(self.run())
 
     def add(self, seq: int, text: str) -> None:
         if not self.pending:
@@ -281,23 +282,16 @@ class _Writer:
         # is then one call in all. Until then another instance does not find it (a resume or
         # a stop there waits for it); ``published`` cuts the wait short for an id handed out
         # before any piece.
-        if self.hurry is None:
-            self.hurry = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(PACE):
-                await self.hurry
-        self.hurry = None
+        await asyncio.wait((self.hurry,), timeout=PACE)
         try:
             while True:
                 try:
                     # Nothing to write and the lease still fresh: no call at all.
-                    if (self.registered is not True or self.pending or self.ending is not None
+                    if (not self.registered.done() or self.pending or self.ending is not None
                             or time.monotonic() - self.renewed >= RENEW):
                         done = await self.flush()
-                        if self.registered is not True:
-                            if isinstance(self.registered, asyncio.Future) and not self.registered.done():
-                                self.registered.set_result(None)
-                            self.registered = True
+                        if not self.registered.done():
+                            self.registered.set_result(None)
                         if done:
                             return
                     backoff, failing_since, self.failing = 0.05, 0.0, False
@@ -342,7 +336,7 @@ class _Writer:
         renew = now - self.renewed >= RENEW
         args: list[str | int] = [self.epoch, self.first, count, _ending_json(ending) if ending else "",
                                  int(LEASE * 1000) if renew else 0, store.keep_ms, store.done_ms, stream.id, BELL]
-        if self.registered is True:
+        if self.registered.done():
             args += ("0", "", "", "", "")
         else:
             args += ("1", _owner_field(stream.owner), stream.model, stream.wire, f"{stream.created:.3f}")
@@ -563,15 +557,10 @@ class RedisStreams(Streams):
 
     async def published(self, stream: LiveStream) -> None:
         writer = self._writers.get(stream.id)
-        if writer is None or writer.registered is True:
+        if writer is None or writer.registered.done():
             return
-        loop = asyncio.get_running_loop()
-        if writer.hurry is None:
-            writer.hurry = loop.create_future()
         if not writer.hurry.done():
             writer.hurry.set_result(None)
-        if writer.registered is False:
-            writer.registered = loop.create_future()
         try:
             async with asyncio.timeout(self.timeout):
                 await asyncio.shield(writer.registered)
