@@ -9,6 +9,7 @@ simulator's answers are deterministic, so an uninterrupted run is the reference.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ import orjson
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
+from scripted import HEAD, chunked, in_thread, read_request, serving
 from sdk import client
 from servers import RelayServer, SimServer, wait_until
 from streams import chat
@@ -284,3 +286,23 @@ def test_a_v1_stream_id_is_its_keys_alone(start_relay: Callable[..., RelayServer
     assert httpx.get(url, headers={**one, "accept": "text/event-stream"}).content == first.content
     assert httpx.get(url, headers={**two, "accept": "text/event-stream"}).status_code == 404
     assert httpx.delete(url, headers=two).status_code == 404
+
+
+def test_the_status_of_a_stream_with_a_chunk_not_in_openais_shape_is_the_rest_of_its_text(
+        start_relay: Callable[..., RelayServer]) -> None:
+    """A passthrough stream's chunks are logged as the upstream sent them. One whose
+    ``choices`` is not a list adds nothing to the status's text, and is not a 500."""
+    chunks = [b'{"choices":5}', b'{"choices":[{"index":0,"delta":{"content":"ok"}}]}', b"[DONE]"]
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(HEAD + b"".join(chunked(b"data: %s\n\n" % c) for c in chunks) + b"0\r\n\r\n")
+        await writer.drain()
+
+    with in_thread(lambda: serving(upstream, path="/v1")) as (url, _):
+        relay = start_relay(upstream=str(url))
+        first = post(relay, body(model="sim:ttft=0,tokens=1"))
+        assert first.status_code == 200 and b'"choices":5' in first.content
+        status = httpx.get(f"{relay.url}/api/streams/{first.headers['x-stream-id']}", timeout=10)
+        relay.stop()  # its kept connections end, and with them the upstream's handlers
+    assert status.status_code == 200 and status.json()["text"] == "ok"

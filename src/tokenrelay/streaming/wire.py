@@ -144,7 +144,9 @@ def text_of_events(wire: str, pieces: list[str]) -> str:
     parts: list[str] = []
     for event in _objects(pieces):
         if wire == "openai":
-            for choice in event.get("choices") or ():
+            choices = event.get("choices")
+            # A passthrough logs the upstream's chunks as sent: anything not in OpenAI's shape adds nothing.
+            for choice in choices if isinstance(choices, list) else ():
                 delta = choice.get("delta") if isinstance(choice, dict) and choice.get("index", 0) == 0 else None
                 text = delta.get("content") if isinstance(delta, dict) else None
                 if isinstance(text, str):
